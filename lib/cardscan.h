@@ -1,0 +1,216 @@
+/*
+ * mod_cardscan core: everything that can be tested without httpd.
+ *
+ * One error convention across lib/: functions return an apr_status_t and,
+ * on failure, set *err to a message (allocated in the given pool) that the
+ * caller can log or show. No message ever contains the API key or a token.
+ */
+#ifndef CARDSCAN_H
+#define CARDSCAN_H
+
+#include <apr_pools.h>
+#include <apr_time.h>
+#include <apr_thread_mutex.h>
+
+#define CS_VERSION "0.1.0"
+#define CS_USER_AGENT "mod_cardscan/" CS_VERSION
+
+/* ------------------------------------------------------------------ keys */
+
+typedef enum { CS_KEY_TEST = 0, CS_KEY_LIVE = 1 } cs_key_mode_e;
+
+#define CS_SECRET_LEN 32
+
+/* A parsed API key and the secrets derived from it once, at start-up. */
+typedef struct cs_key {
+    const char *secret; /* the key itself: never log, never reply */
+    const char *masked; /* sk_test_cardscan_ai_...abcd, safe to log */
+    cs_key_mode_e mode; /* from the prefix */
+    /* keys the cache ids and the cache entries' encryption derive from */
+    unsigned char id_key[CS_SECRET_LEN];
+    unsigned char seal_key[CS_SECRET_LEN];
+} cs_key_t;
+
+/* Checks the format of a literal key and derives its secrets. */
+apr_status_t cs_key_parse(apr_pool_t *p, const char *secret, cs_key_t **key,
+                          const char **err);
+
+/* Loads a key from "file:/path", "env:NAME" or a literal, then parses it.
+ * *warning is set (or NULL) for a usable key with a risk worth logging,
+ * such as a key file that other users can read. */
+apr_status_t cs_key_load(apr_pool_t *p, const char *spec, cs_key_t **key,
+                         const char **warning, const char **err);
+
+/* The masked form of any string given as a key: prefix, ellipsis, last 4. */
+const char *cs_key_mask(apr_pool_t *p, const char *secret);
+
+/* Replaces the cache encryption secret (CardScanCacheSecret). */
+void cs_key_set_seal_secret(cs_key_t *key, const void *secret, apr_size_t len);
+
+/* ------------------------------------------------------------- endpoint */
+
+#define CS_SANDBOX_URL "https://sandbox.cardscan.ai/v1"
+#define CS_LIVE_URL "https://api.cardscan.ai/v1"
+
+const char *cs_endpoint_default(const cs_key_t *key);
+
+/* Checks an endpoint URL: https, or http only to a loopback host; no query.
+ * *norm receives the URL without trailing slashes. */
+apr_status_t cs_endpoint_check(apr_pool_t *p, const char *url,
+                               const char **norm, const char **err);
+
+/* Refuses a live key against the sandbox host and the reverse. */
+apr_status_t cs_endpoint_check_key(apr_pool_t *p, const char *url,
+                                   const cs_key_t *key, const char **err);
+
+/* -------------------------------------------------------------- user id */
+
+#define CS_USER_ID_MAX 1024
+
+/* Refuses an empty id, one over CS_USER_ID_MAX bytes or one with control
+ * characters. */
+apr_status_t cs_user_id_check(apr_pool_t *p, const char *id, const char **err);
+
+/* Percent-encodes every byte but RFC 3986 unreserved ones, so that the id
+ * reaches the API as exactly one query value. */
+const char *cs_user_id_encode(apr_pool_t *p, const char *id);
+
+/* ---------------------------------------------------------------- token */
+
+typedef struct cs_token {
+    const char *token; /* the JWT */
+    const char *identity_id;
+    const char *session_id; /* NULL when the upstream sent none */
+    apr_int64_t iat, exp;   /* JWT claims, seconds since the epoch */
+    int has_iat, has_exp;
+} cs_token_t;
+
+/* Parses and validates an access-token reply body: a JSON object whose
+ * Token is a JWT with a decodable payload, IdentityId a string and
+ * session_id, when present, a string. `now` is the local time of receipt;
+ * a token already expired at that time is refused. */
+apr_status_t cs_token_parse(apr_pool_t *p, const char *body, apr_size_t len,
+                            apr_time_t now, cs_token_t *tok, const char **err);
+
+/* How long the token lives from its receipt: exp - iat (robust to a skewed
+ * clock), exp - now without iat; 0 without exp (not cacheable). */
+apr_interval_time_t cs_token_lifetime(const cs_token_t *tok, apr_time_t now);
+
+/* Decodes base64url (padding optional) into a NUL-terminated buffer. */
+apr_status_t cs_base64url_decode(apr_pool_t *p, const char *in,
+                                 apr_size_t inlen, char **out,
+                                 apr_size_t *outlen);
+
+/* ---------------------------------------------------------------- reply */
+
+/* The JSON body sent to the client for a token; expires is the local time
+ * the token expires (0: unknown, then expires_at is left out). */
+char *cs_reply_token(apr_pool_t *p, const cs_token_t *tok, apr_time_t expires);
+
+/* {"error": code, "message": message} */
+char *cs_reply_error(apr_pool_t *p, const char *code, const char *message);
+
+/* RFC 3339 UTC, second precision: 2026-11-27T20:15:00Z */
+const char *cs_rfc3339(apr_pool_t *p, apr_time_t t);
+
+/* ---------------------------------------------------------------- cache */
+
+#define CS_CACHE_ID_LEN 64 /* hex of a SHA-256 HMAC */
+
+/* The cache id of one (API key, endpoint, user id): a keyed hash, so that
+ * tenants never share an entry and ids in a shared cache reveal no user.
+ * out must hold CS_CACHE_ID_LEN + 1 bytes. */
+void cs_cache_id(const cs_key_t *key, const char *endpoint, const char *user_id,
+                 char *out);
+
+typedef enum {
+    CS_ENTRY_TOKEN = 1,  /* body is the client reply */
+    CS_ENTRY_FAILURE = 2 /* a failed fetch, for the requests that waited */
+} cs_entry_kind_e;
+
+typedef struct cs_entry {
+    cs_entry_kind_e kind;
+    apr_time_t created;           /* local time of receipt */
+    apr_time_t expires;           /* local time the token expires */
+    apr_interval_time_t lifetime; /* the token's whole lifetime */
+    int status;                   /* failure: the HTTP status for clients */
+    int retry_after;              /* failure: seconds, 0 if none */
+    const char *body;             /* token: reply JSON; failure: error JSON */
+    apr_size_t body_len;
+} cs_entry_t;
+
+/* Overhead of sealing an entry: header, nonce and tag. */
+#define CS_ENTRY_OVERHEAD 80
+
+/* Encodes and seals an entry (AES-256-GCM under the key's seal secret,
+ * bound to the cache id) into out. */
+apr_status_t cs_entry_seal(apr_pool_t *p, const cs_key_t *key, const char *id,
+                           const cs_entry_t *e, unsigned char **out,
+                           apr_size_t *outlen, const char **err);
+
+/* Opens a sealed entry. A tampered, truncated or foreign entry is an
+ * error (the caller treats it as a miss). */
+apr_status_t cs_entry_open(apr_pool_t *p, const cs_key_t *key, const char *id,
+                           const unsigned char *in, apr_size_t inlen,
+                           cs_entry_t *e, const char **err);
+
+/* Whether a token entry may still be served at `now`: at least min_ttl of
+ * life left, min_ttl capped at half the token's lifetime. */
+int cs_entry_fresh(const cs_entry_t *e, apr_time_t now,
+                   apr_interval_time_t min_ttl);
+
+/* ------------------------------------------------------------- upstream */
+
+typedef enum {
+    CS_UP_OK = 0,  /* an HTTP reply arrived (any status) */
+    CS_UP_TIMEOUT, /* the deadline passed */
+    CS_UP_CONNECT, /* could not connect (refused, unreachable, DNS) */
+    CS_UP_TLS,     /* TLS handshake or verification failed */
+    CS_UP_TOO_BIG, /* the body exceeded the cap */
+    CS_UP_PROTOCOL /* reset, truncated or otherwise broken exchange */
+} cs_up_result_e;
+
+typedef struct cs_upstream_req {
+    const char *endpoint; /* base URL, no trailing slash */
+    const char *user_id;  /* raw; encoded by the client */
+    const cs_key_t *key;
+    const char *ca_file;    /* NULL: system bundle */
+    const char *proxy;      /* NULL: none */
+    const char *proxy_auth; /* "user:password" for the proxy, or NULL */
+    apr_interval_time_t timeout, connect_timeout;
+    apr_size_t max_body;
+    /* libcurl's verbose output, with secrets masked; NULL: none */
+    void (*trace)(void *baton, const char *line);
+    void *trace_baton;
+} cs_upstream_req_t;
+
+typedef struct cs_upstream_resp {
+    cs_up_result_e result;
+    int status;       /* HTTP status, when result is CS_UP_OK */
+    const char *body; /* NUL-terminated */
+    apr_size_t body_len;
+    const char *retry_after; /* the Retry-After header, or NULL */
+    const char *detail;      /* what went wrong, for the log */
+    long new_connections;    /* connections this exchange opened */
+    apr_interval_time_t elapsed;
+} cs_upstream_resp_t;
+
+typedef struct cs_upstream cs_upstream_t;
+
+/* Global libcurl set-up: call once in the parent before any thread. */
+apr_status_t cs_upstream_global_init(const char **err);
+
+/* A per-process client: keeps its libcurl handles and a share of
+ * connections, DNS and TLS sessions alive between requests. Freed with p. */
+apr_status_t cs_upstream_create(apr_pool_t *p, cs_upstream_t **u,
+                                const char **err);
+
+/* GET {endpoint}/access-token?user_id=... */
+void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
+                       const cs_upstream_req_t *req, cs_upstream_resp_t *resp);
+
+/* The full URL of a request, for tests and logs (no secrets in it). */
+const char *cs_upstream_url(apr_pool_t *p, const char *endpoint,
+                            const char *user_id);
+
+#endif /* CARDSCAN_H */

@@ -1,0 +1,870 @@
+/*
+ * mod_cardscan: the customer-side /cardscan-session endpoint of CardScan.ai
+ * as an Apache httpd module. Apache's own authentication decides who the
+ * user is; this handler turns that identity into a CardScan session token,
+ * cached per user in a socache shared by every child process.
+ *
+ * This file is the Apache shell: directives, configuration merge, hooks and
+ * the handler. Everything that can be tested without httpd is in lib/.
+ */
+#include "httpd.h"
+#include "http_config.h"
+#include "http_core.h"
+#include "http_log.h"
+#include "http_protocol.h"
+#include "http_request.h"
+#include "ap_expr.h"
+#include "ap_provider.h"
+#include "ap_socache.h"
+#include "util_mutex.h"
+
+#include "apr_date.h"
+#include "apr_global_mutex.h"
+#include "apr_lib.h"
+#include "apr_strings.h"
+
+#include "lib/cardscan.h"
+
+#include <string.h>
+
+module AP_MODULE_DECLARE_DATA cardscan_module;
+
+#define CS_HANDLER "cardscan-session"
+#define CS_CACHE_MUTEX "cardscan-cache"
+#define CS_FLIGHT_MUTEX "cardscan-flight"
+#define CS_FLIGHT_STRIPES 128
+#define CS_MAX_BODY (64 * 1024)
+#define CS_ENTRY_MAX (16 * 1024)
+#define CS_DEFAULT_SHMCB_SIZE (32 * 1024 * 1024)
+#define CS_FAILURE_TTL apr_time_from_sec(10)
+#define CS_DEFAULT_MIN_TTL apr_time_from_sec(60)
+#define CS_DEFAULT_TIMEOUT apr_time_from_sec(5)
+#define CS_DEFAULT_CONNECT_TIMEOUT apr_time_from_sec(2)
+
+/* Per-directory (and per-server defaults, via lookup_defaults) settings. */
+typedef struct {
+    cs_key_t *key;
+    const char *endpoint;    /* normalised; NULL: from the key */
+    ap_expr_info_t *user_id; /* NULL: REMOTE_USER */
+    apr_interval_time_t min_ttl;
+    unsigned int min_ttl_set : 1;
+} cs_dir_conf;
+
+/* Per-server settings of the upstream exchange. */
+typedef struct {
+    apr_interval_time_t timeout, connect_timeout;
+    const char *ca_file;
+    const char *proxy;
+    const char *proxy_auth; /* user:password, read from a file */
+    unsigned int timeout_set : 1, ca_file_set : 1, proxy_set : 1;
+} cs_srv_conf;
+
+/* Process-wide state: the cache, its mutexes and the upstream client. */
+static struct {
+    const char *cache_spec; /* CardScanCache as given, NULL: default */
+    const ap_socache_provider_t *cache;
+    ap_socache_instance_t *cache_inst;
+    apr_global_mutex_t *cache_mutex; /* only for providers that need it */
+    apr_global_mutex_t *flight[CS_FLIGHT_STRIPES];
+    cs_upstream_t *upstream; /* per child, from child_init */
+} cs_g;
+
+/* ---------------------------------------------------------- configuration */
+
+static void *create_dir_conf(apr_pool_t *p, char *dir)
+{
+    cs_dir_conf *d = apr_pcalloc(p, sizeof(*d));
+    (void)dir;
+    d->min_ttl = CS_DEFAULT_MIN_TTL;
+    return d;
+}
+
+static void *merge_dir_conf(apr_pool_t *p, void *basev, void *addv)
+{
+    cs_dir_conf *base = basev, *add = addv, *d = apr_palloc(p, sizeof(*d));
+    d->key = add->key ? add->key : base->key;
+    d->endpoint = add->endpoint ? add->endpoint : base->endpoint;
+    d->user_id = add->user_id ? add->user_id : base->user_id;
+    d->min_ttl = add->min_ttl_set ? add->min_ttl : base->min_ttl;
+    d->min_ttl_set = add->min_ttl_set || base->min_ttl_set;
+    return d;
+}
+
+static void *create_srv_conf(apr_pool_t *p, server_rec *s)
+{
+    cs_srv_conf *c = apr_pcalloc(p, sizeof(*c));
+    (void)s;
+    c->timeout = CS_DEFAULT_TIMEOUT;
+    c->connect_timeout = CS_DEFAULT_CONNECT_TIMEOUT;
+    return c;
+}
+
+static void *merge_srv_conf(apr_pool_t *p, void *basev, void *addv)
+{
+    cs_srv_conf *base = basev, *add = addv, *c = apr_palloc(p, sizeof(*c));
+    *c = add->timeout_set ? *add : *base;
+    c->timeout_set = add->timeout_set || base->timeout_set;
+    c->ca_file = add->ca_file_set ? add->ca_file : base->ca_file;
+    c->ca_file_set = add->ca_file_set || base->ca_file_set;
+    c->proxy = add->proxy_set ? add->proxy : base->proxy;
+    c->proxy_auth = add->proxy_set ? add->proxy_auth : base->proxy_auth;
+    c->proxy_set = add->proxy_set || base->proxy_set;
+    return c;
+}
+
+static const char *set_api_key(cmd_parms *cmd, void *mconfig, const char *arg)
+{
+    cs_dir_conf *d = mconfig;
+    const char *warning = NULL, *err = NULL;
+
+    if (cs_key_load(cmd->pool, arg, &d->key, &warning, &err) != APR_SUCCESS)
+        return apr_psprintf(cmd->pool, "CardScanAPIKey: %s", err);
+    if (warning)
+        ap_log_error(APLOG_MARK, APLOG_WARNING, 0, cmd->server,
+                     APLOGNO(10501) "CardScanAPIKey: %s", warning);
+    return NULL;
+}
+
+static const char *set_endpoint(cmd_parms *cmd, void *mconfig, const char *arg)
+{
+    cs_dir_conf *d = mconfig;
+    const char *err = NULL;
+
+    if (cs_endpoint_check(cmd->pool, arg, &d->endpoint, &err) != APR_SUCCESS)
+        return apr_psprintf(cmd->pool, "CardScanEndpoint: %s", err);
+    return NULL;
+}
+
+static const char *set_user_id(cmd_parms *cmd, void *mconfig, const char *arg)
+{
+    cs_dir_conf *d = mconfig;
+    const char *err = NULL;
+
+    d->user_id =
+        ap_expr_parse_cmd(cmd, arg, AP_EXPR_FLAG_STRING_RESULT, &err, NULL);
+    if (err)
+        return apr_psprintf(cmd->pool, "CardScanUserID: cannot parse '%s': %s",
+                            arg, err);
+    return NULL;
+}
+
+static const char *parse_seconds(apr_pool_t *p, const char *name,
+                                 const char *arg, double max,
+                                 apr_interval_time_t *out)
+{
+    char *end;
+    double v = strtod(arg, &end);
+    if (end == arg || *end || !(v > 0) || v > max)
+        return apr_psprintf(p,
+                            "%s: '%s' is not a number of seconds in "
+                            "(0, %g]",
+                            name, arg, max);
+    *out = (apr_interval_time_t)(v * APR_USEC_PER_SEC);
+    return NULL;
+}
+
+static const char *set_timeout(cmd_parms *cmd, void *mconfig, const char *total,
+                               const char *connect)
+{
+    cs_srv_conf *c =
+        ap_get_module_config(cmd->server->module_config, &cardscan_module);
+    const char *err;
+    (void)mconfig;
+
+    if ((err = parse_seconds(cmd->pool, "CardScanTimeout", total, 300,
+                             &c->timeout)))
+        return err;
+    c->connect_timeout = c->timeout < CS_DEFAULT_CONNECT_TIMEOUT
+                             ? c->timeout
+                             : CS_DEFAULT_CONNECT_TIMEOUT;
+    if (connect && (err = parse_seconds(cmd->pool, "CardScanTimeout", connect,
+                                        300, &c->connect_timeout)))
+        return err;
+    if (c->connect_timeout > c->timeout)
+        return "CardScanTimeout: the connect timeout cannot exceed the total";
+    c->timeout_set = 1;
+    return NULL;
+}
+
+static const char *set_ca_file(cmd_parms *cmd, void *mconfig, const char *arg)
+{
+    cs_srv_conf *c =
+        ap_get_module_config(cmd->server->module_config, &cardscan_module);
+    apr_finfo_t fi;
+    (void)mconfig;
+
+    c->ca_file = ap_server_root_relative(cmd->pool, arg);
+    if (!c->ca_file ||
+        apr_stat(&fi, c->ca_file, APR_FINFO_TYPE, cmd->pool) != APR_SUCCESS ||
+        fi.filetype != APR_REG)
+        return apr_psprintf(cmd->pool,
+                            "CardScanCAFile: '%s' is not a readable file", arg);
+    c->ca_file_set = 1;
+    return NULL;
+}
+
+static const char *set_proxy(cmd_parms *cmd, void *mconfig, const char *url,
+                             const char *auth)
+{
+    cs_srv_conf *c =
+        ap_get_module_config(cmd->server->module_config, &cardscan_module);
+    (void)mconfig;
+
+    if (strcasecmp(url, "none") == 0) {
+        c->proxy = NULL;
+    }
+    else if (!ap_strstr_c(url, "://") || (strncasecmp(url, "http://", 7) &&
+                                          strncasecmp(url, "https://", 8) &&
+                                          strncasecmp(url, "socks5h://", 10))) {
+        return "CardScanProxy: give the proxy as http://host:port, "
+               "https://host:port or socks5h://host:port";
+    }
+    else if (ap_strchr_c(url + 8, '@')) {
+        return "CardScanProxy: put the proxy's credentials in a file "
+               "(CardScanProxy URL file:/path), not in the URL";
+    }
+    else {
+        c->proxy = apr_pstrdup(cmd->pool, url);
+    }
+    c->proxy_auth = NULL;
+    if (auth) {
+        apr_file_t *f;
+        char buf[1024];
+        apr_size_t n = 0;
+        if (strncmp(auth, "file:", 5) != 0)
+            return "CardScanProxy: the credentials must be given as "
+                   "file:/path (a file holding user:password)";
+        if (apr_file_open(&f, auth + 5, APR_FOPEN_READ, APR_FPROT_OS_DEFAULT,
+                          cmd->pool) != APR_SUCCESS)
+            return apr_psprintf(cmd->pool,
+                                "CardScanProxy: cannot read the credentials "
+                                "file %s",
+                                auth + 5);
+        apr_file_read_full(f, buf, sizeof(buf) - 1, &n);
+        apr_file_close(f);
+        while (n > 0 && apr_isspace(buf[n - 1]))
+            n--;
+        buf[n] = '\0';
+        if (!ap_strchr_c(buf, ':'))
+            return "CardScanProxy: the credentials file must hold "
+                   "user:password";
+        c->proxy_auth = apr_pstrdup(cmd->pool, buf);
+        memset(buf, 0, sizeof(buf));
+    }
+    c->proxy_set = 1;
+    return NULL;
+}
+
+static const char *set_cache(cmd_parms *cmd, void *mconfig, const char *arg)
+{
+    const char *err = ap_check_cmd_context(cmd, GLOBAL_ONLY);
+    (void)mconfig;
+    if (err)
+        return err;
+    cs_g.cache_spec = apr_pstrdup(cmd->pool, arg);
+    return NULL;
+}
+
+static const char *set_min_ttl(cmd_parms *cmd, void *mconfig, const char *arg)
+{
+    cs_dir_conf *d = mconfig;
+    char *end;
+    apr_int64_t v = apr_strtoi64(arg, &end, 10);
+
+    if (end == arg || *end || v < 0 || v > 86400)
+        return apr_psprintf(cmd->pool,
+                            "CardScanCacheMinTTL: '%s' is not a number of "
+                            "seconds between 0 and 86400",
+                            arg);
+    d->min_ttl = apr_time_from_sec(v);
+    d->min_ttl_set = 1;
+    return NULL;
+}
+
+static const command_rec cs_cmds[] = {
+    AP_INIT_TAKE1("CardScanAPIKey", set_api_key, NULL, RSRC_CONF | ACCESS_CONF,
+                  "the CardScan API key: the key itself, file:/path or "
+                  "env:NAME"),
+    AP_INIT_TAKE1("CardScanEndpoint", set_endpoint, NULL,
+                  RSRC_CONF | ACCESS_CONF,
+                  "the API's base URL (default: from the key, sandbox or "
+                  "live)"),
+    AP_INIT_TAKE1("CardScanUserID", set_user_id, NULL, RSRC_CONF | ACCESS_CONF,
+                  "an ap_expr string giving the unique user id (default "
+                  "%{REMOTE_USER})"),
+    AP_INIT_TAKE12("CardScanTimeout", set_timeout, NULL, RSRC_CONF,
+                   "seconds for one upstream exchange [and for connecting]"),
+    AP_INIT_TAKE1("CardScanCAFile", set_ca_file, NULL, RSRC_CONF,
+                  "CA certificates to verify the API's TLS certificate"),
+    AP_INIT_TAKE12("CardScanProxy", set_proxy, NULL, RSRC_CONF,
+                   "outbound proxy URL [file:/path holding user:password]"),
+    AP_INIT_TAKE1("CardScanCache", set_cache, NULL, RSRC_CONF,
+                  "socache provider[:args] for the token cache, or none"),
+    AP_INIT_TAKE1("CardScanCacheMinTTL", set_min_ttl, NULL,
+                  RSRC_CONF | ACCESS_CONF,
+                  "seconds of life a cached token must have left to be "
+                  "served (default 60)"),
+    {NULL}};
+
+/* --------------------------------------------------------------- startup */
+
+static const char *effective_endpoint(const cs_dir_conf *d)
+{
+    return d->endpoint ? d->endpoint : cs_endpoint_default(d->key);
+}
+
+/* A live key against the sandbox (or the reverse) is refused at start-up,
+ * wherever the pair meets: server, vhost or section. */
+static int check_key_endpoint(apr_pool_t *p, server_rec *s,
+                              const cs_dir_conf *d)
+{
+    const char *err = NULL;
+    if (!d->key)
+        return OK;
+    if (cs_endpoint_check_key(p, effective_endpoint(d), d->key, &err) !=
+        APR_SUCCESS) {
+        ap_log_error(APLOG_MARK, APLOG_EMERG, 0, s,
+                     APLOGNO(10502) "mod_cardscan: %s (%s:%d)", err,
+                     s->defn_name ? s->defn_name : "?", s->defn_line_number);
+        return !OK;
+    }
+    return OK;
+}
+
+static int check_sections(apr_pool_t *p, server_rec *s, const cs_dir_conf *base,
+                          apr_array_header_t *secs)
+{
+    for (int i = 0; secs && i < secs->nelts; i++) {
+        ap_conf_vector_t *v = APR_ARRAY_IDX(secs, i, ap_conf_vector_t *);
+        cs_dir_conf *d = ap_get_module_config(v, &cardscan_module);
+        if (d &&
+            check_key_endpoint(p, s, merge_dir_conf(p, (void *)base, d)) != OK)
+            return !OK;
+    }
+    return OK;
+}
+
+static int split_cache_spec(apr_pool_t *p, const char **name, const char **args)
+{
+    const char *sep;
+    if (!cs_g.cache_spec) {
+        *name = "shmcb";
+        *args = apr_psprintf(p, "%s(%d)",
+                             ap_runtime_dir_relative(p, "cardscan-cache"),
+                             CS_DEFAULT_SHMCB_SIZE);
+        return 1;
+    }
+    if (strcasecmp(cs_g.cache_spec, "none") == 0)
+        return 0;
+    sep = ap_strchr_c(cs_g.cache_spec, ':');
+    *name = sep ? apr_pstrmemdup(p, cs_g.cache_spec, sep - cs_g.cache_spec)
+                : cs_g.cache_spec;
+    *args = sep ? sep + 1 : NULL;
+    if (!sep && strcmp(*name, "shmcb") == 0)
+        *args = apr_psprintf(p, "%s(%d)",
+                             ap_runtime_dir_relative(p, "cardscan-cache"),
+                             CS_DEFAULT_SHMCB_SIZE);
+    return 1;
+}
+
+static int cs_pre_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *ptemp)
+{
+    const char *err = NULL;
+    (void)plog;
+    (void)ptemp;
+    memset(&cs_g, 0, sizeof(cs_g));
+    ap_mutex_register(pconf, CS_CACHE_MUTEX, NULL, APR_LOCK_DEFAULT, 0);
+    ap_mutex_register(pconf, CS_FLIGHT_MUTEX, NULL, APR_LOCK_DEFAULT, 0);
+    /* once, in the parent, before any thread exists */
+    if (cs_upstream_global_init(&err) != APR_SUCCESS) {
+        ap_log_perror(APLOG_MARK, APLOG_CRIT, 0, plog,
+                      APLOGNO(10503) "mod_cardscan: libcurl: %s", err);
+        return !OK;
+    }
+    return OK;
+}
+
+static int cs_check_config(apr_pool_t *pconf, apr_pool_t *plog,
+                           apr_pool_t *ptemp, server_rec *main_s)
+{
+    const char *name, *args;
+    (void)pconf;
+    (void)plog;
+
+    for (server_rec *s = main_s; s; s = s->next) {
+        core_server_config *core = ap_get_core_module_config(s->module_config);
+        cs_dir_conf *base =
+            ap_get_module_config(s->lookup_defaults, &cardscan_module);
+        if (check_key_endpoint(ptemp, s, base) != OK ||
+            check_sections(ptemp, s, base, core->sec_url) != OK ||
+            check_sections(ptemp, s, base, core->sec_dir) != OK)
+            return !OK;
+    }
+    if (split_cache_spec(ptemp, &name, &args)) {
+        const ap_socache_provider_t *prov = ap_lookup_provider(
+            AP_SOCACHE_PROVIDER_GROUP, name, AP_SOCACHE_PROVIDER_VERSION);
+        if (!prov) {
+            ap_log_error(APLOG_MARK, APLOG_EMERG, 0, main_s,
+                         APLOGNO(10504) "mod_cardscan: CardScanCache: no "
+                                        "socache provider '%s' is loaded: "
+                                        "LoadModule socache_%s_module (on "
+                                        "Debian: a2enmod socache_%s)",
+                         name, name, name);
+            return !OK;
+        }
+    }
+    return OK;
+}
+
+static apr_status_t destroy_cache(void *data)
+{
+    server_rec *s = data;
+    if (cs_g.cache && cs_g.cache_inst)
+        cs_g.cache->destroy(cs_g.cache_inst, s);
+    cs_g.cache_inst = NULL;
+    return APR_SUCCESS;
+}
+
+static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
+                          apr_pool_t *ptemp, server_rec *s)
+{
+    struct ap_socache_hints hints = {CS_CACHE_ID_LEN, 2400,
+                                     apr_time_from_sec(30)};
+    const char *name, *args, *err;
+    apr_status_t rv;
+    (void)plog;
+
+    /* the first pass only checks the configuration */
+    if (ap_state_query(AP_SQ_MAIN_STATE) == AP_SQ_MS_CREATE_PRE_CONFIG)
+        return OK;
+
+    for (int i = 0; i < CS_FLIGHT_STRIPES; i++) {
+        rv = ap_global_mutex_create(&cs_g.flight[i], NULL, CS_FLIGHT_MUTEX,
+                                    apr_itoa(ptemp, i), s, pconf, 0);
+        if (rv != APR_SUCCESS)
+            return HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (!split_cache_spec(ptemp, &name, &args)) {
+        ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s,
+                     APLOGNO(10505) "mod_cardscan: CardScanCache none: every "
+                                    "request calls the CardScan API");
+        return OK;
+    }
+    cs_g.cache = ap_lookup_provider(AP_SOCACHE_PROVIDER_GROUP, name,
+                                    AP_SOCACHE_PROVIDER_VERSION);
+    if (!cs_g.cache)
+        return HTTP_INTERNAL_SERVER_ERROR; /* reported by check_config */
+    err = cs_g.cache->create(&cs_g.cache_inst, args, ptemp, pconf);
+    if (err) {
+        ap_log_error(APLOG_MARK, APLOG_EMERG, 0, s,
+                     APLOGNO(10506) "mod_cardscan: CardScanCache %s: %s",
+                     cs_g.cache_spec ? cs_g.cache_spec : name, err);
+        return HTTP_INTERNAL_SERVER_ERROR;
+    }
+    if (cs_g.cache->flags & AP_SOCACHE_FLAG_NOTMPSAFE) {
+        rv = ap_global_mutex_create(&cs_g.cache_mutex, NULL, CS_CACHE_MUTEX,
+                                    NULL, s, pconf, 0);
+        if (rv != APR_SUCCESS)
+            return HTTP_INTERNAL_SERVER_ERROR;
+    }
+    rv = cs_g.cache->init(cs_g.cache_inst, "mod_cardscan", &hints, s, pconf);
+    if (rv != APR_SUCCESS) {
+        ap_log_error(APLOG_MARK, APLOG_EMERG, rv, s,
+                     APLOGNO(10507) "mod_cardscan: cannot initialise the "
+                                    "token cache (%s)",
+                     name);
+        return HTTP_INTERNAL_SERVER_ERROR;
+    }
+    apr_pool_cleanup_register(pconf, s, destroy_cache, apr_pool_cleanup_null);
+    return OK;
+}
+
+static void cs_child_init(apr_pool_t *p, server_rec *s)
+{
+    const char *err = NULL;
+    apr_status_t rv;
+
+    for (int i = 0; i < CS_FLIGHT_STRIPES; i++) {
+        if (!cs_g.flight[i])
+            continue;
+        rv = apr_global_mutex_child_init(
+            &cs_g.flight[i], apr_global_mutex_lockfile(cs_g.flight[i]), p);
+        if (rv != APR_SUCCESS)
+            ap_log_error(APLOG_MARK, APLOG_CRIT, rv, s,
+                         APLOGNO(10508) "mod_cardscan: flight mutex init");
+    }
+    if (cs_g.cache_mutex) {
+        rv = apr_global_mutex_child_init(
+            &cs_g.cache_mutex, apr_global_mutex_lockfile(cs_g.cache_mutex), p);
+        if (rv != APR_SUCCESS)
+            ap_log_error(APLOG_MARK, APLOG_CRIT, rv, s,
+                         APLOGNO(10509) "mod_cardscan: cache mutex init");
+    }
+    /* libcurl handles are per process: none survives a fork */
+    if (cs_upstream_create(p, &cs_g.upstream, &err) != APR_SUCCESS)
+        ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s,
+                     APLOGNO(10510) "mod_cardscan: %s", err);
+}
+
+/* ------------------------------------------------------------------ cache */
+
+static int cache_get(request_rec *r, const cs_key_t *key, const char *id,
+                     cs_entry_t *e)
+{
+    unsigned char buf[CS_ENTRY_MAX];
+    unsigned int len = sizeof(buf);
+    const char *err = NULL;
+    apr_status_t rv;
+
+    if (!cs_g.cache_inst)
+        return 0;
+    if (cs_g.cache_mutex)
+        apr_global_mutex_lock(cs_g.cache_mutex);
+    rv = cs_g.cache->retrieve(cs_g.cache_inst, r->server,
+                              (const unsigned char *)id, CS_CACHE_ID_LEN, buf,
+                              &len, r->pool);
+    if (cs_g.cache_mutex)
+        apr_global_mutex_unlock(cs_g.cache_mutex);
+    if (rv != APR_SUCCESS)
+        return 0;
+    if (cs_entry_open(r->pool, key, id, buf, len, e, &err) != APR_SUCCESS) {
+        ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r,
+                      APLOGNO(10511) "mod_cardscan: ignoring a cache entry: "
+                                     "%s",
+                      err);
+        return 0;
+    }
+    return 1;
+}
+
+static void cache_put(request_rec *r, const cs_key_t *key, const char *id,
+                      const cs_entry_t *e, apr_time_t expiry)
+{
+    unsigned char *data;
+    apr_size_t len;
+    const char *err = NULL;
+    apr_status_t rv;
+
+    if (!cs_g.cache_inst)
+        return;
+    if (cs_entry_seal(r->pool, key, id, e, &data, &len, &err) != APR_SUCCESS) {
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
+                      APLOGNO(10512) "mod_cardscan: %s", err);
+        return;
+    }
+    if (len > CS_ENTRY_MAX) {
+        ap_log_rerror(
+            APLOG_MARK, APLOG_WARNING, 0, r,
+            APLOGNO(10513) "mod_cardscan: a token reply of %" APR_SIZE_T_FMT
+                           " bytes is too large to cache",
+            len);
+        return;
+    }
+    if (cs_g.cache_mutex)
+        apr_global_mutex_lock(cs_g.cache_mutex);
+    rv = cs_g.cache->store(cs_g.cache_inst, r->server,
+                           (const unsigned char *)id, CS_CACHE_ID_LEN, expiry,
+                           data, (unsigned int)len, r->pool);
+    if (cs_g.cache_mutex)
+        apr_global_mutex_unlock(cs_g.cache_mutex);
+    if (rv != APR_SUCCESS)
+        ap_log_rerror(APLOG_MARK, APLOG_WARNING, rv, r,
+                      APLOGNO(10514) "mod_cardscan: cannot store a token in "
+                                     "the cache");
+}
+
+/* ---------------------------------------------------------------- replies */
+
+static int send_json(request_rec *r, int status, const char *body,
+                     apr_size_t len)
+{
+    r->status = status;
+    ap_set_content_type(r, "application/json");
+    apr_table_setn(r->headers_out, "Cache-Control", "no-store");
+    ap_set_content_length(r, len);
+    if (!r->header_only)
+        ap_rwrite(body, (int)len, r);
+    return OK;
+}
+
+static int send_error(request_rec *r, int status, const char *code,
+                      const char *message)
+{
+    const char *body = cs_reply_error(r->pool, code, message);
+    return send_json(r, status, body, strlen(body));
+}
+
+/* What the client is told about a failed fetch. */
+typedef struct {
+    int status;
+    const char *code, *message;
+    int retry_after;
+} cs_failure;
+
+static int retry_after_seconds(const char *v)
+{
+    apr_time_t t;
+    if (!v || !*v)
+        return 0;
+    if (apr_isdigit(*v)) {
+        long n = strtol(v, NULL, 10);
+        return n > 0 && n < 86400 ? (int)n : 0;
+    }
+    t = apr_date_parse_http(v);
+    if (t > apr_time_now())
+        return (int)apr_time_sec(t - apr_time_now()) + 1;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- handler */
+
+static apr_global_mutex_t *flight_mutex(const char *id)
+{
+    unsigned int h = 0;
+    for (int i = 0; i < 8; i++)
+        h = (h << 4) |
+            (unsigned int)(apr_isdigit(id[i]) ? id[i] - '0' : id[i] - 'a' + 10);
+    return cs_g.flight[h % CS_FLIGHT_STRIPES];
+}
+
+/* Calls the API for one user and turns the outcome into a cache entry:
+ * a token, or the failure every waiting request is told. */
+static void fetch_token(request_rec *r, const cs_dir_conf *d,
+                        const char *endpoint, const char *user_id,
+                        cs_entry_t *e)
+{
+    cs_srv_conf *sc =
+        ap_get_module_config(r->server->module_config, &cardscan_module);
+    cs_upstream_req_t req = {0};
+    cs_upstream_resp_t resp;
+    cs_failure f = {HTTP_BAD_GATEWAY, "upstream_error", NULL, 0};
+    cs_token_t tok;
+    const char *err = NULL;
+    apr_time_t now;
+
+    req.endpoint = endpoint;
+    req.user_id = user_id;
+    req.key = d->key;
+    req.ca_file = sc->ca_file;
+    req.proxy = sc->proxy;
+    req.proxy_auth = sc->proxy_auth;
+    req.timeout = sc->timeout;
+    req.connect_timeout = sc->connect_timeout;
+    req.max_body = CS_MAX_BODY;
+
+    cs_upstream_fetch(cs_g.upstream, r->pool, &req, &resp);
+    now = apr_time_now();
+    memset(e, 0, sizeof(*e));
+    e->created = now;
+
+    if (resp.result == CS_UP_OK && resp.status == 200) {
+        if (cs_token_parse(r->pool, resp.body, resp.body_len, now, &tok,
+                           &err) == APR_SUCCESS) {
+            e->kind = CS_ENTRY_TOKEN;
+            e->lifetime = cs_token_lifetime(&tok, now);
+            e->expires = e->lifetime ? now + e->lifetime : 0;
+            e->body = cs_reply_token(r->pool, &tok, e->expires);
+            e->body_len = strlen(e->body);
+            ap_log_rerror(APLOG_MARK, APLOG_DEBUG, 0, r,
+                          APLOGNO(10515) "mod_cardscan: new token from %s in "
+                                         "%" APR_TIME_T_FMT
+                                         " ms, lifetime %" APR_TIME_T_FMT
+                                         " s%s",
+                          endpoint, apr_time_as_msec(resp.elapsed),
+                          apr_time_sec(e->lifetime),
+                          tok.has_exp ? "" : " (no exp: not cached)");
+            return;
+        }
+        f.message = "the CardScan API sent an invalid token reply";
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
+                      APLOGNO(10516) "mod_cardscan: %s: %s", endpoint, err);
+    }
+    else if (resp.result == CS_UP_OK) {
+        switch (resp.status) {
+        case 401:
+        case 403:
+            f.code = "upstream_auth_failed";
+            f.message = "the CardScan API rejected this server's API key";
+            ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
+                          APLOGNO(10517) "mod_cardscan: %s rejected the API "
+                                         "key %s (HTTP %d): check "
+                                         "CardScanAPIKey",
+                          endpoint, d->key->masked, resp.status);
+            break;
+        case 429:
+            f.status = HTTP_SERVICE_UNAVAILABLE;
+            f.code = "upstream_rate_limited";
+            f.message = "the CardScan API is rate limiting this server; "
+                        "retry later";
+            f.retry_after = retry_after_seconds(resp.retry_after);
+            if (!f.retry_after)
+                f.retry_after = 5;
+            ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r,
+                          APLOGNO(10518) "mod_cardscan: %s: rate limited "
+                                         "(HTTP 429, Retry-After %s)",
+                          endpoint,
+                          resp.retry_after ? resp.retry_after : "none");
+            break;
+        default:
+            f.message = apr_psprintf(
+                r->pool, "the CardScan API answered HTTP %d", resp.status);
+            ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
+                          APLOGNO(10519) "mod_cardscan: %s answered HTTP %d%s",
+                          endpoint, resp.status,
+                          resp.status >= 300 && resp.status < 400
+                              ? " (redirects are not followed)"
+                              : "");
+        }
+    }
+    else {
+        if (resp.result == CS_UP_TIMEOUT) {
+            f.status = HTTP_GATEWAY_TIME_OUT;
+            f.code = "upstream_timeout";
+            f.message = "the CardScan API did not answer in time";
+        }
+        else {
+            f.message = resp.result == CS_UP_TOO_BIG
+                            ? "the CardScan API sent an oversized reply"
+                            : "the CardScan API could not be reached";
+        }
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
+                      APLOGNO(10520) "mod_cardscan: %s: %s", endpoint,
+                      resp.detail ? resp.detail : "upstream failure");
+    }
+    e->kind = CS_ENTRY_FAILURE;
+    e->status = f.status;
+    e->retry_after = f.retry_after;
+    e->body = cs_reply_error(r->pool, f.code, f.message);
+    e->body_len = strlen(e->body);
+}
+
+static int send_entry(request_rec *r, const cs_entry_t *e)
+{
+    if (e->kind == CS_ENTRY_FAILURE && e->retry_after)
+        apr_table_setn(r->headers_out, "Retry-After",
+                       apr_itoa(r->pool, e->retry_after));
+    return send_json(r, e->kind == CS_ENTRY_TOKEN ? HTTP_OK : e->status,
+                     e->body, e->body_len);
+}
+
+static int cs_session_handler(request_rec *r)
+{
+    cs_dir_conf *d;
+    cs_srv_conf *sc;
+    const char *user_id, *endpoint, *err = NULL;
+    char id[CS_CACHE_ID_LEN + 1];
+    cs_entry_t e;
+    apr_global_mutex_t *flight;
+    apr_time_t wait_start;
+    apr_status_t rv;
+
+    if (!r->handler || strcmp(r->handler, CS_HANDLER) != 0)
+        return DECLINED;
+
+    r->allowed = (AP_METHOD_BIT << M_GET) | (AP_METHOD_BIT << M_POST);
+    if (r->method_number != M_GET && r->method_number != M_POST) {
+        apr_table_setn(r->headers_out, "Allow", "GET, POST");
+        return send_error(r, HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
+                          "use GET or POST");
+    }
+    /* a POST body means nothing here: read and drop it */
+    if (ap_discard_request_body(r) != OK)
+        return send_error(r, HTTP_BAD_REQUEST, "bad_request",
+                          "the request body could not be read");
+
+    d = ap_get_module_config(r->per_dir_config, &cardscan_module);
+    if (!d->key || !cs_g.upstream) {
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
+                      APLOGNO(10521) "mod_cardscan: %s",
+                      d->key ? "the upstream client failed to start"
+                             : "no CardScanAPIKey applies to this location");
+        return send_error(r, HTTP_INTERNAL_SERVER_ERROR, "not_configured",
+                          "the CardScan session endpoint is not configured");
+    }
+
+    /* Identity: only from the authenticated request, never from anything
+     * the client sends. Fail closed. */
+    if (d->user_id) {
+        user_id = ap_expr_str_exec(r, d->user_id, &err);
+        if (err) {
+            ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
+                          APLOGNO(10522) "mod_cardscan: CardScanUserID: %s",
+                          err);
+            user_id = NULL;
+        }
+    }
+    else {
+        user_id = r->user;
+    }
+    if (!user_id || !*user_id) {
+        ap_log_rerror(APLOG_MARK, APLOG_INFO, 0, r,
+                      APLOGNO(10523) "mod_cardscan: no user id (%s): protect "
+                                     "this location with Apache "
+                                     "authentication",
+                      r->user ? "CardScanUserID is empty"
+                              : "no authenticated user");
+        return r->user ? send_error(r, HTTP_FORBIDDEN, "no_user_id",
+                                    "no user id is known for this login")
+                       : send_error(r, HTTP_UNAUTHORIZED, "unauthenticated",
+                                    "log in first");
+    }
+    if (cs_user_id_check(r->pool, user_id, &err) != APR_SUCCESS) {
+        ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r,
+                      APLOGNO(10524) "mod_cardscan: refusing the user id: %s",
+                      err);
+        return send_error(r, HTTP_FORBIDDEN, "invalid_user_id", err);
+    }
+
+    endpoint = effective_endpoint(d);
+    cs_cache_id(d->key, endpoint, user_id, id);
+    if (cache_get(r, d->key, id, &e) &&
+        cs_entry_fresh(&e, apr_time_now(), d->min_ttl))
+        return send_entry(r, &e);
+
+    /* Single flight: one request per user (stripe) calls the API; the
+     * others wait on the stripe, then find its result in the cache. */
+    sc = ap_get_module_config(r->server->module_config, &cardscan_module);
+    flight = flight_mutex(id);
+    wait_start = apr_time_now();
+    rv = apr_global_mutex_timedlock(flight, sc->timeout + apr_time_from_sec(1));
+    if (rv != APR_SUCCESS) {
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r,
+                      APLOGNO(10525) "mod_cardscan: gave up waiting for "
+                                     "another request's call to the API");
+        return send_error(r, HTTP_GATEWAY_TIME_OUT, "upstream_timeout",
+                          "the CardScan API did not answer in time");
+    }
+    if (cache_get(r, d->key, id, &e) &&
+        (cs_entry_fresh(&e, apr_time_now(), d->min_ttl) ||
+         (e.kind == CS_ENTRY_FAILURE && e.created >= wait_start))) {
+        apr_global_mutex_unlock(flight);
+        return send_entry(r, &e);
+    }
+    fetch_token(r, d, endpoint, user_id, &e);
+    if (e.kind == CS_ENTRY_TOKEN && e.expires)
+        cache_put(r, d->key, id, &e, e.expires);
+    else if (e.kind == CS_ENTRY_FAILURE)
+        cache_put(r, d->key, id, &e, e.created + CS_FAILURE_TTL);
+    apr_global_mutex_unlock(flight);
+    return send_entry(r, &e);
+}
+
+static void cs_register_hooks(apr_pool_t *p)
+{
+    (void)p;
+    ap_hook_pre_config(cs_pre_config, NULL, NULL, APR_HOOK_MIDDLE);
+    ap_hook_check_config(cs_check_config, NULL, NULL, APR_HOOK_MIDDLE);
+    ap_hook_post_config(cs_post_config, NULL, NULL, APR_HOOK_MIDDLE);
+    ap_hook_child_init(cs_child_init, NULL, NULL, APR_HOOK_MIDDLE);
+    ap_hook_handler(cs_session_handler, NULL, NULL, APR_HOOK_MIDDLE);
+}
+
+AP_DECLARE_MODULE(cardscan) = {STANDARD20_MODULE_STUFF, create_dir_conf,
+                               merge_dir_conf,          create_srv_conf,
+                               merge_srv_conf,          cs_cmds,
+                               cs_register_hooks,
+#if defined(AP_MODULE_FLAG_ALWAYS_MERGE)
+                               AP_MODULE_FLAG_NONE
+#endif
+};

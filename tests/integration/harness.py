@@ -1,0 +1,331 @@
+"""Integration harness for mod_cardscan: a real apache2 with the module, the
+bundled CardScan mock, loopback only. Every process started here is stopped
+by its PID; every wait is bounded."""
+
+import base64
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import unittest
+import urllib.parse
+
+SRCDIR = os.environ.get("CS_SRCDIR", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+BUILDDIR = os.environ.get("CS_BUILDDIR", SRCDIR)
+MODULE = os.environ.get("CS_MODULE", os.path.join(BUILDDIR, ".libs", "mod_cardscan.so"))
+MOCK = os.environ.get("CS_MOCK", os.path.join(BUILDDIR, "tests", "cardscan-mock"))
+HTTPD = os.environ.get("CS_HTTPD", shutil.which("apache2") or "/usr/sbin/apache2")
+MODDIR = os.environ.get("CS_MODDIR", "/usr/lib/apache2/modules")
+
+TEST_KEY = "sk_test_cardscan_ai_mockkey0123456789abcd"
+LIVE_KEY = "sk_live_cardscan_ai_mockkey0123456789abcd"
+USERS = {"alice": "alice-pw", "bob": "bob-pw", "a&user_id=b": "pw1", "x y": "pw2",
+         "\u00fc@h.example": "pw3", "carol": "carol-pw"}
+
+_session_dir = None
+
+
+def session_dir():
+    """One directory for the whole run: certificates and the htpasswd file."""
+    global _session_dir
+    if _session_dir is None:
+        _session_dir = tempfile.mkdtemp(prefix="cs-it-")
+        os.chmod(_session_dir, 0o755)
+        _make_certs(_session_dir)
+        _make_htpasswd(_session_dir)
+    return _session_dir
+
+
+def _run(cmd, **kw):
+    return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, **kw)
+
+
+def _make_certs(d):
+    def p(name):
+        return os.path.join(d, name)
+    _run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+          "-subj", "/CN=mod_cardscan test CA", "-keyout", p("ca.key"), "-out", p("ca.pem")])
+    for name, san in (("server", "IP:127.0.0.1,DNS:localhost"), ("wronghost", "DNS:wrong.example")):
+        _run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=" + name,
+              "-keyout", p(name + ".key"), "-out", p(name + ".csr")])
+        ext = p(name + ".ext")
+        with open(ext, "w") as f:
+            f.write("subjectAltName=%s\n" % san)
+        _run(["openssl", "x509", "-req", "-in", p(name + ".csr"), "-CA", p("ca.pem"), "-CAkey", p("ca.key"),
+              "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", p(name + ".pem")])
+    # a CA that signed nothing here: the "unknown CA" case
+    _run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+          "-subj", "/CN=other CA", "-keyout", p("other-ca.key"), "-out", p("other-ca.pem")])
+    for f in os.listdir(d):
+        os.chmod(os.path.join(d, f), 0o644)
+
+
+def _make_htpasswd(d):
+    path = os.path.join(d, "htpasswd")
+    with open(path, "w", encoding="utf-8") as f:
+        for user, pw in USERS.items():
+            out = _run(["openssl", "passwd", "-apr1", pw]).stdout.decode().strip()
+            f.write("%s:%s\n" % (user, out))
+    os.chmod(path, 0o644)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for " + what)
+
+
+def stop_pid(proc_or_pid, sig=signal.SIGTERM, timeout=15.0):
+    pid = proc_or_pid.pid if hasattr(proc_or_pid, "pid") else proc_or_pid
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    if hasattr(proc_or_pid, "wait"):
+        try:
+            proc_or_pid.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(pid, signal.SIGKILL)
+            proc_or_pid.wait(5)
+
+
+class Mock:
+    """The bundled CardScan API mock, HTTP and HTTPS on 127.0.0.1."""
+
+    def __init__(self, tls=True, lifetime=900, api_keys=(TEST_KEY, LIVE_KEY), cert="server"):
+        self.dir = tempfile.mkdtemp(prefix="cs-mock-")
+        sd = session_dir()
+        portfile = os.path.join(self.dir, "ports")
+        cmd = [MOCK, "--port-file", portfile, "--lifetime", str(lifetime)]
+        for k in api_keys:
+            cmd += ["--api-key", k]
+        if tls:
+            cmd += ["--https-port", "0", "--cert", os.path.join(sd, cert + ".pem"),
+                    "--key", os.path.join(sd, cert + ".key")]
+        self.log = open(os.path.join(self.dir, "mock.log"), "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(lambda: os.path.exists(portfile) or self.proc.poll() is not None, what="mock ports")
+        if self.proc.poll() is not None:
+            raise RuntimeError("the mock exited: see " + self.log.name)
+        ports = dict(line.strip().split("=") for line in open(portfile) if "=" in line)
+        self.http_port = int(ports["http"])
+        self.https_port = int(ports.get("https", 0))
+
+    @property
+    def http_url(self):
+        return "http://127.0.0.1:%d/v1" % self.http_port
+
+    @property
+    def https_url(self):
+        return "https://127.0.0.1:%d/v1" % self.https_port
+
+    def _get(self, path):
+        c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        try:
+            c.request("GET", path)
+            r = c.getresponse()
+            return json.loads(r.read().decode())
+        finally:
+            c.close()
+
+    def stats(self):
+        return self._get("/_mock/stats")
+
+    def calls(self):
+        return self.stats()["calls"]
+
+    def config(self, **kw):
+        return self._get("/_mock/config?" + urllib.parse.urlencode(kw))
+
+    def reset(self):
+        return self._get("/_mock/reset")
+
+    def stop(self):
+        stop_pid(self.proc)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+BASE_MODULES = ["authn_core", "authn_file", "authz_core", "authz_user", "authz_host", "auth_basic",
+                "socache_shmcb", "env", "setenvif", "mime", "status"]
+
+
+class Apache:
+    """A real apache2 in a temp dir, with mod_cardscan and Basic auth users."""
+
+    def __init__(self, mpm="event", body="", global_conf="", loglevel="cardscan:debug",
+                 modules=(), servers=4, start=True):
+        self.mpm = mpm
+        self.dir = tempfile.mkdtemp(prefix="cs-httpd-")
+        os.chmod(self.dir, 0o755)
+        self.port = free_port()
+        self.conf = os.path.join(self.dir, "httpd.conf")
+        self.error_log = os.path.join(self.dir, "error.log")
+        self.pidfile = os.path.join(self.dir, "httpd.pid")
+        sd = session_dir()
+        loads = "\n".join("LoadModule %s_module %s/mod_%s.so" % (m, MODDIR, m)
+                          for m in ["mpm_" + mpm] + BASE_MODULES + list(modules))
+        if mpm == "prefork":
+            mpm_conf = ("StartServers %d\nMinSpareServers %d\nMaxSpareServers %d\n"
+                        "MaxRequestWorkers 32\nMaxConnectionsPerChild 0\n") % (servers, servers, servers + 2)
+        else:
+            mpm_conf = ("StartServers %d\nServerLimit 8\nThreadsPerChild 16\nMinSpareThreads 16\n"
+                        "MaxSpareThreads 128\nMaxRequestWorkers 128\n") % min(servers, 8)
+        user = "User www-data\nGroup www-data\n" if os.geteuid() == 0 else ""
+        text = f"""ServerRoot "{self.dir}"
+ServerName 127.0.0.1
+Listen 127.0.0.1:{self.port}
+PidFile "{self.pidfile}"
+ErrorLog "{self.error_log}"
+LogLevel warn {loglevel}
+DefaultRuntimeDir "{self.dir}"
+Mutex default:{self.dir}
+{user}{loads}
+LoadModule cardscan_module {MODULE}
+TypesConfig /etc/mime.types
+KeepAlive On
+{mpm_conf}
+{global_conf}
+DocumentRoot "{self.dir}"
+<Directory "{self.dir}">
+    Require all granted
+</Directory>
+<Location "/cardscan-session">
+    AuthType Basic
+    AuthName "portal"
+    AuthBasicProvider file
+    AuthUserFile "{sd}/htpasswd"
+    Require valid-user
+    SetHandler cardscan-session
+</Location>
+{body}
+"""
+        with open(self.conf, "w", encoding="utf-8") as f:
+            f.write(text)
+        self.proc = None
+        if start:
+            self.start()
+
+    def configtest(self):
+        return subprocess.run([HTTPD, "-t", "-f", self.conf], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=60)
+
+    def start(self):
+        self.proc = subprocess.Popen([HTTPD, "-f", self.conf, "-DFOREGROUND"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+        def up():
+            if self.proc.poll() is not None:
+                return True
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return os.path.exists(self.pidfile)
+            except OSError:
+                return False
+        wait_for(up, 20, "apache2 to listen")
+        if self.proc.poll() is not None:
+            raise RuntimeError("apache2 did not start:\n%s\n%s" % (self.proc.stdout.read().decode(errors="replace"),
+                                                                   self.log()))
+
+    def graceful(self):
+        os.kill(self.proc.pid, signal.SIGUSR1)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            stop_pid(self.proc, signal.SIGTERM, 30)
+        if self.proc and self.proc.stdout:
+            self.proc.stdout.close()
+        if os.environ.get("CS_KEEP_LOGS"):
+            return
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log(self):
+        try:
+            with open(self.error_log, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def child_pids(self):
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], stdout=subprocess.PIPE,
+                             timeout=10).stdout.decode()
+        return [int(x) for x in out.split()]
+
+    def request(self, path="/cardscan-session", user="alice", password=None, method="GET", body=None,
+                headers=None, conn=None, timeout=30):
+        """One request; returns (status, headers dict lower-cased, body bytes, json or None)."""
+        h = dict(headers or {})
+        if user is not None:
+            pw = password if password is not None else USERS[user]
+            cred = ("%s:%s" % (user, pw)).encode("utf-8")
+            h["Authorization"] = "Basic " + base64.b64encode(cred).decode()
+        own = conn is None
+        c = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            c.request(method, path, body=body, headers=h)
+            r = c.getresponse()
+            data = r.read()
+            hdrs = {k.lower(): v for k, v in r.getheaders()}
+            try:
+                doc = json.loads(data.decode()) if data else None
+            except ValueError:
+                doc = None
+            return r.status, hdrs, data, doc
+        finally:
+            if own:
+                c.close()
+
+
+def jwt_payload(token):
+    part = token.split(".")[1]
+    part += "=" * (-len(part) % 4)
+    return json.loads(base64.urlsafe_b64decode(part))
+
+
+def apache_conf(key=TEST_KEY, endpoint=None, extra=""):
+    """Server-level mod_cardscan lines."""
+    lines = ["CardScanAPIKey %s" % key]
+    if endpoint:
+        lines.append("CardScanEndpoint %s" % endpoint)
+    return "\n".join(lines) + "\n" + extra
+
+
+class MockTestCase(unittest.TestCase):
+    """A mock per class; subclasses start Apache as they need."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.mock = Mock()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.mock.stop()
+
+    def setUp(self):
+        self.mock.reset()
+        self.servers = []
+
+    def tearDown(self):
+        for a in self.servers:
+            a.stop()
+
+    def apache(self, mpm="event", body="", global_conf=None, **kw):
+        if global_conf is None:
+            global_conf = apache_conf(endpoint=self.mock.http_url)
+        a = Apache(mpm=mpm, body=body, global_conf=global_conf, **kw)
+        self.servers.append(a)
+        return a

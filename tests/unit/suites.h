@@ -1,0 +1,24 @@
+/* The check suites of lib/, one per source file. */
+#ifndef CS_TEST_SUITES_H
+#define CS_TEST_SUITES_H
+
+#include <check.h>
+#include <apr_pools.h>
+
+Suite *key_suite(void);
+Suite *endpoint_suite(void);
+Suite *user_id_suite(void);
+Suite *token_suite(void);
+Suite *reply_suite(void);
+Suite *cache_suite(void);
+Suite *upstream_suite(void);
+
+/* a fresh pool per test, destroyed by the fixture */
+extern apr_pool_t *tp;
+void pool_setup(void);
+void pool_teardown(void);
+
+/* a JWT with the given payload JSON, unsigned */
+const char *make_jwt(apr_pool_t *p, const char *payload_json);
+
+#endif

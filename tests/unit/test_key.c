@@ -1,0 +1,176 @@
+#include "suites.h"
+
+#include <apr_env.h>
+#include <apr_file_io.h>
+#include <apr_strings.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "lib/cardscan.h"
+
+#define TEST_KEY "sk_test_cardscan_ai_0123456789abcdef"
+#define LIVE_KEY "sk_live_cardscan_ai_ZYXWVUT987654321"
+
+START_TEST(parses_test_and_live_keys)
+{
+    cs_key_t *k;
+    const char *err = NULL;
+    ck_assert_int_eq(cs_key_parse(tp, TEST_KEY, &k, &err), APR_SUCCESS);
+    ck_assert_int_eq(k->mode, CS_KEY_TEST);
+    ck_assert_str_eq(k->secret, TEST_KEY);
+    ck_assert_int_eq(cs_key_parse(tp, LIVE_KEY, &k, &err), APR_SUCCESS);
+    ck_assert_int_eq(k->mode, CS_KEY_LIVE);
+    ck_assert_int_eq(cs_key_parse(tp, "secret_live_abcdefgh1234", &k, &err),
+                     APR_SUCCESS);
+    ck_assert_int_eq(k->mode, CS_KEY_LIVE);
+    ck_assert_int_eq(cs_key_parse(tp, "secret_test_abcdefgh1234", &k, &err),
+                     APR_SUCCESS);
+    ck_assert_int_eq(k->mode, CS_KEY_TEST);
+}
+END_TEST
+
+START_TEST(refuses_malformed_keys)
+{
+    static const char *bad[] = {"",
+                                "sk_test_cardscan_ai_",
+                                "sk_test_cardscan_ai_short",
+                                "pk_test_cardscan_ai_0123456789abcdef",
+                                "sk_test_cardscan_ai_0123456789 abcdef",
+                                "sk_test_cardscan_ai_0123456789abcdef\n",
+                                "Bearer sk_test_cardscan_ai_0123456789abcdef",
+                                "sk_test_cardscan_ai_0123456789\"abcdef"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        cs_key_t *k = NULL;
+        const char *err = NULL;
+        ck_assert_int_ne(cs_key_parse(tp, bad[i], &k, &err), APR_SUCCESS);
+        ck_assert_ptr_nonnull(err);
+        /* the message never repeats the key */
+        if (strlen(bad[i]) > 30)
+            ck_assert_ptr_null(strstr(err, bad[i] + 20));
+    }
+}
+END_TEST
+
+START_TEST(masks_keys)
+{
+    ck_assert_str_eq(cs_key_mask(tp, TEST_KEY),
+                     "sk_test_cardscan_ai_\xE2\x80\xA6"
+                     "cdef");
+    /* too short to show anything of the secret part */
+    ck_assert_str_eq(cs_key_mask(tp, "sk_live_cardscan_ai_abcdefgh"),
+                     "sk_live_cardscan_ai_\xE2\x80\xA6");
+    ck_assert_str_eq(cs_key_mask(tp, "nonsense"), "\xE2\x80\xA6");
+}
+END_TEST
+
+START_TEST(derived_secrets_differ_per_key)
+{
+    cs_key_t *a, *b, *a2;
+    const char *err;
+    cs_key_parse(tp, TEST_KEY, &a, &err);
+    cs_key_parse(tp, "sk_test_cardscan_ai_0123456789abcdeF", &b, &err);
+    cs_key_parse(tp, TEST_KEY, &a2, &err);
+    ck_assert_mem_ne(a->id_key, b->id_key, CS_SECRET_LEN);
+    ck_assert_mem_ne(a->seal_key, b->seal_key, CS_SECRET_LEN);
+    ck_assert_mem_ne(a->id_key, a->seal_key, CS_SECRET_LEN);
+    ck_assert_mem_eq(a->id_key, a2->id_key, CS_SECRET_LEN);
+}
+END_TEST
+
+static const char *write_key_file(const char *content, int mode)
+{
+    char *path = apr_pstrdup(tp, "/tmp/cs-key-XXXXXX");
+    int fd = mkstemp(path);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(write(fd, content, strlen(content)),
+                     (ssize_t)strlen(content));
+    close(fd);
+    chmod(path, (mode_t)mode);
+    return path;
+}
+
+START_TEST(loads_from_file)
+{
+    cs_key_t *k;
+    const char *warn, *err = NULL;
+    const char *path = write_key_file("  " TEST_KEY "\n", 0600);
+    ck_assert_int_eq(
+        cs_key_load(tp, apr_pstrcat(tp, "file:", path, NULL), &k, &warn, &err),
+        APR_SUCCESS);
+    ck_assert_str_eq(k->secret, TEST_KEY);
+    ck_assert_ptr_null(warn);
+    unlink(path);
+
+    path = write_key_file(TEST_KEY, 0644);
+    ck_assert_int_eq(
+        cs_key_load(tp, apr_pstrcat(tp, "file:", path, NULL), &k, &warn, &err),
+        APR_SUCCESS);
+    ck_assert_ptr_nonnull(warn);
+    ck_assert_ptr_nonnull(strstr(warn, "readable by every user"));
+    unlink(path);
+}
+END_TEST
+
+START_TEST(refuses_missing_file_and_env)
+{
+    cs_key_t *k;
+    const char *warn, *err = NULL;
+    ck_assert_int_ne(
+        cs_key_load(tp, "file:/nonexistent/cardscan.key", &k, &warn, &err),
+        APR_SUCCESS);
+    ck_assert_ptr_nonnull(strstr(err, "/nonexistent/cardscan.key"));
+    ck_assert_int_ne(cs_key_load(tp, "file:/tmp", &k, &warn, &err),
+                     APR_SUCCESS);
+    ck_assert_ptr_nonnull(strstr(err, "not a regular file"));
+    unsetenv("CS_TEST_NO_SUCH_KEY");
+    ck_assert_int_ne(
+        cs_key_load(tp, "env:CS_TEST_NO_SUCH_KEY", &k, &warn, &err),
+        APR_SUCCESS);
+    ck_assert_ptr_nonnull(strstr(err, "CS_TEST_NO_SUCH_KEY"));
+}
+END_TEST
+
+START_TEST(loads_from_env_and_leaves_it)
+{
+    cs_key_t *k;
+    const char *warn, *err = NULL;
+    setenv("CS_TEST_KEY", LIVE_KEY, 1);
+    ck_assert_int_eq(cs_key_load(tp, "env:CS_TEST_KEY", &k, &warn, &err),
+                     APR_SUCCESS);
+    ck_assert_str_eq(k->secret, LIVE_KEY);
+    /* a graceful restart reads it again */
+    ck_assert_str_eq(getenv("CS_TEST_KEY"), LIVE_KEY);
+}
+END_TEST
+
+START_TEST(bad_key_in_file_is_refused)
+{
+    cs_key_t *k;
+    const char *warn, *err = NULL;
+    const char *path = write_key_file("not a key\n", 0600);
+    ck_assert_int_ne(
+        cs_key_load(tp, apr_pstrcat(tp, "file:", path, NULL), &k, &warn, &err),
+        APR_SUCCESS);
+    ck_assert_ptr_nonnull(strstr(err, "does not start with"));
+    unlink(path);
+}
+END_TEST
+
+Suite *key_suite(void)
+{
+    Suite *s = suite_create("key");
+    TCase *tc = tcase_create("key");
+    tcase_add_checked_fixture(tc, pool_setup, pool_teardown);
+    tcase_add_test(tc, parses_test_and_live_keys);
+    tcase_add_test(tc, refuses_malformed_keys);
+    tcase_add_test(tc, masks_keys);
+    tcase_add_test(tc, derived_secrets_differ_per_key);
+    tcase_add_test(tc, loads_from_file);
+    tcase_add_test(tc, refuses_missing_file_and_env);
+    tcase_add_test(tc, loads_from_env_and_leaves_it);
+    tcase_add_test(tc, bad_key_in_file_is_refused);
+    suite_add_tcase(s, tc);
+    return s;
+}
