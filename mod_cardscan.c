@@ -17,10 +17,12 @@
 #include "ap_provider.h"
 #include "ap_socache.h"
 #include "util_mutex.h"
+#include "mod_status.h"
 
 #include "apr_date.h"
 #include "apr_global_mutex.h"
 #include "apr_lib.h"
+#include "apr_shm.h"
 #include "apr_strings.h"
 
 #include "lib/cardscan.h"
@@ -30,6 +32,7 @@
 module AP_MODULE_DECLARE_DATA cardscan_module;
 
 #define CS_HANDLER "cardscan-session"
+#define CS_METRICS_HANDLER "cardscan-metrics"
 #define CS_CACHE_MUTEX "cardscan-cache"
 #define CS_FLIGHT_MUTEX "cardscan-flight"
 #define CS_FLIGHT_STRIPES 128
@@ -40,6 +43,10 @@ module AP_MODULE_DECLARE_DATA cardscan_module;
 #define CS_DEFAULT_MIN_TTL apr_time_from_sec(60)
 #define CS_DEFAULT_TIMEOUT apr_time_from_sec(5)
 #define CS_DEFAULT_CONNECT_TIMEOUT apr_time_from_sec(2)
+#define CS_DEFAULT_BREAKER_FAILURES 5
+#define CS_DEFAULT_BREAKER_PERIOD apr_time_from_sec(10)
+#define CS_CACHE_WARN_INTERVAL apr_time_from_sec(60)
+#define CS_SHM_KEY "mod_cardscan metrics shm"
 
 /* Per-directory (and per-server defaults, via lookup_defaults) settings. */
 typedef struct {
@@ -67,6 +74,12 @@ static struct {
     apr_global_mutex_t *cache_mutex; /* only for providers that need it */
     apr_global_mutex_t *flight[CS_FLIGHT_STRIPES];
     cs_upstream_t *upstream; /* per child, from child_init */
+    cs_metrics_t *metrics;   /* shared memory, kept across restarts */
+    apr_uint32_t breaker_failures;
+    apr_interval_time_t breaker_period;
+    int seal_secret_set; /* CardScanCacheSecret */
+    unsigned char seal_key[CS_SECRET_LEN];
+    apr_time_t cache_warned; /* last cache-outage warning of this process */
 } cs_g;
 
 /* ---------------------------------------------------------- configuration */
@@ -265,6 +278,63 @@ static const char *set_cache(cmd_parms *cmd, void *mconfig, const char *arg)
     return NULL;
 }
 
+static const char *set_cache_secret(cmd_parms *cmd, void *mconfig,
+                                    const char *arg)
+{
+    const char *err = ap_check_cmd_context(cmd, GLOBAL_ONLY);
+    apr_file_t *f;
+    char buf[4096];
+    apr_size_t n = 0;
+    cs_key_t tmp;
+    (void)mconfig;
+
+    if (err)
+        return err;
+    if (strncmp(arg, "file:", 5) != 0)
+        return "CardScanCacheSecret: give the secret as file:/path, so that "
+               "it stays out of the configuration";
+    if (apr_file_open(&f, arg + 5, APR_FOPEN_READ, APR_FPROT_OS_DEFAULT,
+                      cmd->temp_pool) != APR_SUCCESS)
+        return apr_psprintf(cmd->pool, "CardScanCacheSecret: cannot read %s",
+                            arg + 5);
+    apr_file_read_full(f, buf, sizeof(buf), &n);
+    apr_file_close(f);
+    while (n > 0 && apr_isspace(buf[n - 1]))
+        n--;
+    if (n < 16) {
+        memset(buf, 0, sizeof(buf));
+        return "CardScanCacheSecret: the secret must be at least 16 bytes "
+               "(e.g. openssl rand -hex 32 > file)";
+    }
+    cs_key_set_seal_secret(&tmp, buf, n);
+    memcpy(cs_g.seal_key, tmp.seal_key, CS_SECRET_LEN);
+    memset(buf, 0, sizeof(buf));
+    memset(&tmp, 0, sizeof(tmp));
+    cs_g.seal_secret_set = 1;
+    return NULL;
+}
+
+static const char *set_breaker(cmd_parms *cmd, void *mconfig,
+                               const char *failures, const char *period)
+{
+    const char *err = ap_check_cmd_context(cmd, GLOBAL_ONLY);
+    char *end;
+    apr_int64_t n;
+    (void)mconfig;
+
+    if (err)
+        return err;
+    n = apr_strtoi64(failures, &end, 10);
+    if (end == failures || *end || n < 0 || n > 100000)
+        return "CardScanCircuitBreaker: failures must be a number (0 turns "
+               "the breaker off)";
+    cs_g.breaker_failures = (apr_uint32_t)n;
+    if (period)
+        return parse_seconds(cmd->pool, "CardScanCircuitBreaker", period, 3600,
+                             &cs_g.breaker_period);
+    return NULL;
+}
+
 static const char *set_min_ttl(cmd_parms *cmd, void *mconfig, const char *arg)
 {
     cs_dir_conf *d = mconfig;
@@ -304,6 +374,12 @@ static const command_rec cs_cmds[] = {
                   RSRC_CONF | ACCESS_CONF,
                   "seconds of life a cached token must have left to be "
                   "served (default 60)"),
+    AP_INIT_TAKE1("CardScanCacheSecret", set_cache_secret, NULL, RSRC_CONF,
+                  "file:/path holding the secret that seals cache entries "
+                  "(default: derived from the API key)"),
+    AP_INIT_TAKE12("CardScanCircuitBreaker", set_breaker, NULL, RSRC_CONF,
+                   "consecutive failures that stop calls to the API, and "
+                   "for how many seconds (default 5 10)"),
     {NULL}};
 
 /* --------------------------------------------------------------- startup */
@@ -373,6 +449,8 @@ static int cs_pre_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *ptemp)
     (void)plog;
     (void)ptemp;
     memset(&cs_g, 0, sizeof(cs_g));
+    cs_g.breaker_failures = CS_DEFAULT_BREAKER_FAILURES;
+    cs_g.breaker_period = CS_DEFAULT_BREAKER_PERIOD;
     ap_mutex_register(pconf, CS_CACHE_MUTEX, NULL, APR_LOCK_DEFAULT, 0);
     ap_mutex_register(pconf, CS_FLIGHT_MUTEX, NULL, APR_LOCK_DEFAULT, 0);
     /* once, in the parent, before any thread exists */
@@ -425,6 +503,35 @@ static apr_status_t destroy_cache(void *data)
     return APR_SUCCESS;
 }
 
+/* The counters and breakers live in one anonymous shared segment made once
+ * per server lifetime: the module is unloaded and loaded again on every
+ * restart, so the segment hangs off the process pool, found again through
+ * its userdata. Restarts neither leak segments nor reset the counters. */
+static apr_status_t attach_metrics(server_rec *s)
+{
+    apr_pool_t *pp = s->process->pool;
+    apr_shm_t *shm = NULL;
+    void *data = NULL;
+    apr_status_t rv;
+
+    apr_pool_userdata_get(&data, CS_SHM_KEY, pp);
+    if (data) {
+        cs_g.metrics = apr_shm_baseaddr_get(data);
+        return APR_SUCCESS;
+    }
+    rv = apr_shm_create(&shm, sizeof(cs_metrics_t), NULL, pp);
+    if (rv != APR_SUCCESS) {
+        ap_log_error(APLOG_MARK, APLOG_EMERG, rv, s,
+                     APLOGNO(10526) "mod_cardscan: cannot create the shared "
+                                    "memory for metrics");
+        return rv;
+    }
+    memset(apr_shm_baseaddr_get(shm), 0, sizeof(cs_metrics_t));
+    apr_pool_userdata_set(shm, CS_SHM_KEY, apr_pool_cleanup_null, pp);
+    cs_g.metrics = apr_shm_baseaddr_get(shm);
+    return APR_SUCCESS;
+}
+
 static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
                           apr_pool_t *ptemp, server_rec *s)
 {
@@ -437,6 +544,9 @@ static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
     /* the first pass only checks the configuration */
     if (ap_state_query(AP_SQ_MAIN_STATE) == AP_SQ_MS_CREATE_PRE_CONFIG)
         return OK;
+
+    if ((rv = attach_metrics(s)) != APR_SUCCESS)
+        return HTTP_INTERNAL_SERVER_ERROR;
 
     for (int i = 0; i < CS_FLIGHT_STRIPES; i++) {
         rv = ap_global_mutex_create(&cs_g.flight[i], NULL, CS_FLIGHT_MUTEX,
@@ -509,12 +619,34 @@ static void cs_child_init(apr_pool_t *p, server_rec *s)
 
 /* ------------------------------------------------------------------ cache */
 
+/* A cache that cannot be reached (Redis restarting, ...) must not flood the
+ * log: one warning per process per interval, the rest at debug. */
+static int cache_warn_level(void)
+{
+    apr_time_t now = apr_time_now();
+    if (now - cs_g.cache_warned < CS_CACHE_WARN_INTERVAL)
+        return APLOG_DEBUG;
+    cs_g.cache_warned = now;
+    return APLOG_WARNING;
+}
+
+/* The key entries are sealed with: per API key, or CardScanCacheSecret. */
+static const cs_key_t *seal_key(const cs_key_t *key, cs_key_t *buf)
+{
+    if (!cs_g.seal_secret_set)
+        return key;
+    *buf = *key;
+    memcpy(buf->seal_key, cs_g.seal_key, CS_SECRET_LEN);
+    return buf;
+}
+
 static int cache_get(request_rec *r, const cs_key_t *key, const char *id,
                      cs_entry_t *e)
 {
     unsigned char buf[CS_ENTRY_MAX];
     unsigned int len = sizeof(buf);
     const char *err = NULL;
+    cs_key_t tmp;
     apr_status_t rv;
 
     if (!cs_g.cache_inst)
@@ -526,9 +658,16 @@ static int cache_get(request_rec *r, const cs_key_t *key, const char *id,
                               &len, r->pool);
     if (cs_g.cache_mutex)
         apr_global_mutex_unlock(cs_g.cache_mutex);
-    if (rv != APR_SUCCESS)
+    if (rv != APR_SUCCESS) {
+        if (!APR_STATUS_IS_NOTFOUND(rv))
+            ap_log_rerror(APLOG_MARK, cache_warn_level(), rv, r,
+                          APLOGNO(10527) "mod_cardscan: the token cache "
+                                         "cannot be read; calling the API "
+                                         "instead");
         return 0;
-    if (cs_entry_open(r->pool, key, id, buf, len, e, &err) != APR_SUCCESS) {
+    }
+    if (cs_entry_open(r->pool, seal_key(key, &tmp), id, buf, len, e, &err) !=
+        APR_SUCCESS) {
         ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r,
                       APLOGNO(10511) "mod_cardscan: ignoring a cache entry: "
                                      "%s",
@@ -544,21 +683,23 @@ static void cache_put(request_rec *r, const cs_key_t *key, const char *id,
     unsigned char *data;
     apr_size_t len;
     const char *err = NULL;
+    cs_key_t tmp;
     apr_status_t rv;
 
     if (!cs_g.cache_inst)
         return;
-    if (cs_entry_seal(r->pool, key, id, e, &data, &len, &err) != APR_SUCCESS) {
+    if (cs_entry_seal(r->pool, seal_key(key, &tmp), id, e, &data, &len, &err) !=
+        APR_SUCCESS) {
         ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
                       APLOGNO(10512) "mod_cardscan: %s", err);
         return;
     }
     if (len > CS_ENTRY_MAX) {
-        ap_log_rerror(
-            APLOG_MARK, APLOG_WARNING, 0, r,
-            APLOGNO(10513) "mod_cardscan: a token reply of %" APR_SIZE_T_FMT
-                           " bytes is too large to cache",
-            len);
+        ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r,
+                      APLOGNO(10513) "mod_cardscan: a token reply of "
+                                     "%" APR_SIZE_T_FMT
+                                     " bytes is too large to cache",
+                      len);
         return;
     }
     if (cs_g.cache_mutex)
@@ -569,7 +710,7 @@ static void cache_put(request_rec *r, const cs_key_t *key, const char *id,
     if (cs_g.cache_mutex)
         apr_global_mutex_unlock(cs_g.cache_mutex);
     if (rv != APR_SUCCESS)
-        ap_log_rerror(APLOG_MARK, APLOG_WARNING, rv, r,
+        ap_log_rerror(APLOG_MARK, cache_warn_level(), rv, r,
                       APLOGNO(10514) "mod_cardscan: cannot store a token in "
                                      "the cache");
 }
@@ -588,19 +729,24 @@ static int send_json(request_rec *r, int status, const char *body,
     return OK;
 }
 
-static int send_error(request_rec *r, int status, const char *code,
-                      const char *message)
+static int send_error(request_rec *r, cs_outcome_e outcome, int status,
+                      const char *code, const char *message)
 {
     const char *body = cs_reply_error(r->pool, code, message);
+    cs_metrics_request(cs_g.metrics, outcome);
     return send_json(r, status, body, strlen(body));
 }
 
-/* What the client is told about a failed fetch. */
-typedef struct {
-    int status;
-    const char *code, *message;
-    int retry_after;
-} cs_failure;
+static int send_entry(request_rec *r, const cs_entry_t *e, cs_outcome_e outcome)
+{
+    if (e->kind == CS_ENTRY_FAILURE && e->retry_after)
+        apr_table_setn(r->headers_out, "Retry-After",
+                       apr_itoa(r->pool, e->retry_after));
+    cs_metrics_request(cs_g.metrics,
+                       e->kind == CS_ENTRY_TOKEN ? outcome : CS_OUT_ERROR);
+    return send_json(r, e->kind == CS_ENTRY_TOKEN ? HTTP_OK : e->status,
+                     e->body, e->body_len);
+}
 
 static int retry_after_seconds(const char *v)
 {
@@ -628,17 +774,72 @@ static apr_global_mutex_t *flight_mutex(const char *id)
     return cs_g.flight[h % CS_FLIGHT_STRIPES];
 }
 
+static void trace_line(void *baton, const char *line)
+{
+    request_rec *r = baton;
+    ap_log_rerror(APLOG_MARK, APLOG_TRACE4, 0, r, "libcurl: %s", line);
+}
+
+/* Sets e to the failure clients are told about. */
+static void set_failure(request_rec *r, cs_entry_t *e, int status,
+                        const char *code, const char *message, int retry_after)
+{
+    e->kind = CS_ENTRY_FAILURE;
+    e->status = status;
+    e->retry_after = retry_after;
+    e->body = cs_reply_error(r->pool, code, message);
+    e->body_len = strlen(e->body);
+}
+
+/* One exchange with the API, retried once after a connect failure or a
+ * 502/503/504 while the deadline allows; each exchange feeds the metrics and
+ * the breaker. */
+static void call_upstream(request_rec *r, cs_upstream_req_t *req,
+                          cs_breaker_t *breaker, cs_upstream_resp_t *resp)
+{
+    apr_time_t deadline = apr_time_now() + req->timeout;
+
+    for (int attempt = 0;; attempt++) {
+        apr_interval_time_t left;
+        cs_upstream_fetch(cs_g.upstream, r->pool, req, resp);
+        cs_metrics_upstream(cs_g.metrics, resp->result, resp->status,
+                            resp->elapsed);
+        if (breaker && cs_breaker_record(
+                           breaker, apr_time_now(), !cs_upstream_failed(resp),
+                           cs_g.breaker_failures, cs_g.breaker_period))
+            ap_log_rerror(
+                APLOG_MARK, APLOG_ERR, 0, r,
+                APLOGNO(10528) "mod_cardscan: %s failed %u times "
+                               "in a row: not calling it for %" APR_TIME_T_FMT
+                               " s",
+                req->endpoint, cs_g.breaker_failures,
+                apr_time_sec(cs_g.breaker_period));
+        left = deadline - apr_time_now();
+        if (attempt > 0 || !cs_upstream_retryable(resp) ||
+            left < apr_time_from_msec(100) ||
+            (breaker && cs_breaker_is_open(breaker, apr_time_now())))
+            return;
+        ap_log_rerror(APLOG_MARK, APLOG_INFO, 0, r,
+                      APLOGNO(10529) "mod_cardscan: retrying once after: %s",
+                      resp->detail
+                          ? resp->detail
+                          : apr_psprintf(r->pool, "HTTP %d", resp->status));
+        req->timeout = left;
+        if (req->connect_timeout > left)
+            req->connect_timeout = left;
+    }
+}
+
 /* Calls the API for one user and turns the outcome into a cache entry:
  * a token, or the failure every waiting request is told. */
 static void fetch_token(request_rec *r, const cs_dir_conf *d,
                         const char *endpoint, const char *user_id,
-                        cs_entry_t *e)
+                        cs_breaker_t *breaker, cs_entry_t *e)
 {
     cs_srv_conf *sc =
         ap_get_module_config(r->server->module_config, &cardscan_module);
     cs_upstream_req_t req = {0};
     cs_upstream_resp_t resp;
-    cs_failure f = {HTTP_BAD_GATEWAY, "upstream_error", NULL, 0};
     cs_token_t tok;
     const char *err = NULL;
     apr_time_t now;
@@ -652,8 +853,12 @@ static void fetch_token(request_rec *r, const cs_dir_conf *d,
     req.timeout = sc->timeout;
     req.connect_timeout = sc->connect_timeout;
     req.max_body = CS_MAX_BODY;
+    if (APLOG_R_IS_LEVEL(r, APLOG_TRACE4)) {
+        req.trace = trace_line;
+        req.trace_baton = r;
+    }
 
-    cs_upstream_fetch(cs_g.upstream, r->pool, &req, &resp);
+    call_upstream(r, &req, breaker, &resp);
     now = apr_time_now();
     memset(e, 0, sizeof(*e));
     e->created = now;
@@ -668,84 +873,65 @@ static void fetch_token(request_rec *r, const cs_dir_conf *d,
             e->body_len = strlen(e->body);
             ap_log_rerror(APLOG_MARK, APLOG_DEBUG, 0, r,
                           APLOGNO(10515) "mod_cardscan: new token from %s in "
-                                         "%" APR_TIME_T_FMT
-                                         " ms, lifetime %" APR_TIME_T_FMT
-                                         " s%s",
+                                         "%" APR_TIME_T_FMT " ms, lifetime "
+                                         "%" APR_TIME_T_FMT " s%s",
                           endpoint, apr_time_as_msec(resp.elapsed),
                           apr_time_sec(e->lifetime),
                           tok.has_exp ? "" : " (no exp: not cached)");
             return;
         }
-        f.message = "the CardScan API sent an invalid token reply";
         ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
                       APLOGNO(10516) "mod_cardscan: %s: %s", endpoint, err);
+        set_failure(r, e, HTTP_BAD_GATEWAY, "upstream_error",
+                    "the CardScan API sent an invalid token reply", 0);
+    }
+    else if (resp.result == CS_UP_OK &&
+             (resp.status == 401 || resp.status == 403)) {
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
+                      APLOGNO(10517) "mod_cardscan: %s rejected the API key "
+                                     "%s (HTTP %d): check CardScanAPIKey",
+                      endpoint, d->key->masked, resp.status);
+        set_failure(r, e, HTTP_BAD_GATEWAY, "upstream_auth_failed",
+                    "the CardScan API rejected this server's API key", 0);
+    }
+    else if (resp.result == CS_UP_OK && resp.status == 429) {
+        int ra = retry_after_seconds(resp.retry_after);
+        ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r,
+                      APLOGNO(10518) "mod_cardscan: %s: rate limited (HTTP "
+                                     "429, Retry-After %s)",
+                      endpoint, resp.retry_after ? resp.retry_after : "none");
+        set_failure(r, e, HTTP_SERVICE_UNAVAILABLE, "upstream_rate_limited",
+                    "the CardScan API is rate limiting this server; retry "
+                    "later",
+                    ra ? ra : 5);
     }
     else if (resp.result == CS_UP_OK) {
-        switch (resp.status) {
-        case 401:
-        case 403:
-            f.code = "upstream_auth_failed";
-            f.message = "the CardScan API rejected this server's API key";
-            ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
-                          APLOGNO(10517) "mod_cardscan: %s rejected the API "
-                                         "key %s (HTTP %d): check "
-                                         "CardScanAPIKey",
-                          endpoint, d->key->masked, resp.status);
-            break;
-        case 429:
-            f.status = HTTP_SERVICE_UNAVAILABLE;
-            f.code = "upstream_rate_limited";
-            f.message = "the CardScan API is rate limiting this server; "
-                        "retry later";
-            f.retry_after = retry_after_seconds(resp.retry_after);
-            if (!f.retry_after)
-                f.retry_after = 5;
-            ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r,
-                          APLOGNO(10518) "mod_cardscan: %s: rate limited "
-                                         "(HTTP 429, Retry-After %s)",
-                          endpoint,
-                          resp.retry_after ? resp.retry_after : "none");
-            break;
-        default:
-            f.message = apr_psprintf(
-                r->pool, "the CardScan API answered HTTP %d", resp.status);
-            ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
-                          APLOGNO(10519) "mod_cardscan: %s answered HTTP %d%s",
-                          endpoint, resp.status,
-                          resp.status >= 300 && resp.status < 400
-                              ? " (redirects are not followed)"
-                              : "");
-        }
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
+                      APLOGNO(10519) "mod_cardscan: %s answered HTTP %d%s",
+                      endpoint, resp.status,
+                      resp.status >= 300 && resp.status < 400
+                          ? " (redirects are not followed)"
+                          : "");
+        set_failure(r, e, HTTP_BAD_GATEWAY, "upstream_error",
+                    apr_psprintf(r->pool, "the CardScan API answered HTTP %d",
+                                 resp.status),
+                    0);
     }
     else {
-        if (resp.result == CS_UP_TIMEOUT) {
-            f.status = HTTP_GATEWAY_TIME_OUT;
-            f.code = "upstream_timeout";
-            f.message = "the CardScan API did not answer in time";
-        }
-        else {
-            f.message = resp.result == CS_UP_TOO_BIG
-                            ? "the CardScan API sent an oversized reply"
-                            : "the CardScan API could not be reached";
-        }
         ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
                       APLOGNO(10520) "mod_cardscan: %s: %s", endpoint,
                       resp.detail ? resp.detail : "upstream failure");
+        if (resp.result == CS_UP_TIMEOUT)
+            set_failure(r, e, HTTP_GATEWAY_TIME_OUT, "upstream_timeout",
+                        "the CardScan API did not answer in time", 0);
+        else
+            set_failure(r, e, HTTP_BAD_GATEWAY, "upstream_error",
+                        resp.result == CS_UP_TOO_BIG
+                            ? "the CardScan API sent an oversized reply"
+                            : "the CardScan API could not be reached",
+                        0);
     }
-    e->kind = CS_ENTRY_FAILURE;
-    e->status = f.status;
-    e->retry_after = f.retry_after;
-    e->body = cs_reply_error(r->pool, f.code, f.message);
-    e->body_len = strlen(e->body);
-}
-
-static int send_entry(request_rec *r, const cs_entry_t *e)
-{
-    if (e->kind == CS_ENTRY_FAILURE && e->retry_after)
-        apr_table_setn(r->headers_out, "Retry-After",
-                       apr_itoa(r->pool, e->retry_after));
-    return send_json(r, e->kind == CS_ENTRY_TOKEN ? HTTP_OK : e->status,
-                     e->body, e->body_len);
+    e->created = now;
 }
 
 static int cs_session_handler(request_rec *r)
@@ -755,9 +941,11 @@ static int cs_session_handler(request_rec *r)
     const char *user_id, *endpoint, *err = NULL;
     char id[CS_CACHE_ID_LEN + 1];
     cs_entry_t e;
+    cs_breaker_t *breaker;
     apr_global_mutex_t *flight;
     apr_time_t wait_start;
     apr_status_t rv;
+    int retry_after = 0;
 
     if (!r->handler || strcmp(r->handler, CS_HANDLER) != 0)
         return DECLINED;
@@ -765,12 +953,12 @@ static int cs_session_handler(request_rec *r)
     r->allowed = (AP_METHOD_BIT << M_GET) | (AP_METHOD_BIT << M_POST);
     if (r->method_number != M_GET && r->method_number != M_POST) {
         apr_table_setn(r->headers_out, "Allow", "GET, POST");
-        return send_error(r, HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
-                          "use GET or POST");
+        return send_error(r, CS_OUT_DENIED, HTTP_METHOD_NOT_ALLOWED,
+                          "method_not_allowed", "use GET or POST");
     }
     /* a POST body means nothing here: read and drop it */
     if (ap_discard_request_body(r) != OK)
-        return send_error(r, HTTP_BAD_REQUEST, "bad_request",
+        return send_error(r, CS_OUT_DENIED, HTTP_BAD_REQUEST, "bad_request",
                           "the request body could not be read");
 
     d = ap_get_module_config(r->per_dir_config, &cardscan_module);
@@ -779,7 +967,8 @@ static int cs_session_handler(request_rec *r)
                       APLOGNO(10521) "mod_cardscan: %s",
                       d->key ? "the upstream client failed to start"
                              : "no CardScanAPIKey applies to this location");
-        return send_error(r, HTTP_INTERNAL_SERVER_ERROR, "not_configured",
+        return send_error(r, CS_OUT_ERROR, HTTP_INTERNAL_SERVER_ERROR,
+                          "not_configured",
                           "the CardScan session endpoint is not configured");
     }
 
@@ -804,50 +993,126 @@ static int cs_session_handler(request_rec *r)
                                      "authentication",
                       r->user ? "CardScanUserID is empty"
                               : "no authenticated user");
-        return r->user ? send_error(r, HTTP_FORBIDDEN, "no_user_id",
-                                    "no user id is known for this login")
-                       : send_error(r, HTTP_UNAUTHORIZED, "unauthenticated",
-                                    "log in first");
+        return r->user
+                   ? send_error(r, CS_OUT_DENIED, HTTP_FORBIDDEN, "no_user_id",
+                                "no user id is known for this login")
+                   : send_error(r, CS_OUT_DENIED, HTTP_UNAUTHORIZED,
+                                "unauthenticated", "log in first");
     }
     if (cs_user_id_check(r->pool, user_id, &err) != APR_SUCCESS) {
         ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r,
                       APLOGNO(10524) "mod_cardscan: refusing the user id: %s",
                       err);
-        return send_error(r, HTTP_FORBIDDEN, "invalid_user_id", err);
+        return send_error(r, CS_OUT_DENIED, HTTP_FORBIDDEN, "invalid_user_id",
+                          err);
     }
 
     endpoint = effective_endpoint(d);
     cs_cache_id(d->key, endpoint, user_id, id);
     if (cache_get(r, d->key, id, &e) &&
-        cs_entry_fresh(&e, apr_time_now(), d->min_ttl))
-        return send_entry(r, &e);
+        cs_entry_fresh(&e, apr_time_now(), d->min_ttl)) {
+        cs_metrics_cache(cs_g.metrics, 1);
+        return send_entry(r, &e, CS_OUT_HIT);
+    }
+    cs_metrics_cache(cs_g.metrics, 0);
 
     /* Single flight: one request per user (stripe) calls the API; the
      * others wait on the stripe, then find its result in the cache. */
     sc = ap_get_module_config(r->server->module_config, &cardscan_module);
     flight = flight_mutex(id);
     wait_start = apr_time_now();
-    rv = apr_global_mutex_timedlock(flight, sc->timeout + apr_time_from_sec(1));
+    rv = apr_global_mutex_trylock(flight);
+    if (APR_STATUS_IS_EBUSY(rv)) {
+        cs_metrics_wait(cs_g.metrics);
+        rv = apr_global_mutex_timedlock(flight,
+                                        sc->timeout + apr_time_from_sec(1));
+    }
     if (rv != APR_SUCCESS) {
         ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r,
                       APLOGNO(10525) "mod_cardscan: gave up waiting for "
                                      "another request's call to the API");
-        return send_error(r, HTTP_GATEWAY_TIME_OUT, "upstream_timeout",
+        return send_error(r, CS_OUT_ERROR, HTTP_GATEWAY_TIME_OUT,
+                          "upstream_timeout",
                           "the CardScan API did not answer in time");
     }
     if (cache_get(r, d->key, id, &e) &&
         (cs_entry_fresh(&e, apr_time_now(), d->min_ttl) ||
          (e.kind == CS_ENTRY_FAILURE && e.created >= wait_start))) {
         apr_global_mutex_unlock(flight);
-        return send_entry(r, &e);
+        return send_entry(r, &e, CS_OUT_WAITED);
     }
-    fetch_token(r, d, endpoint, user_id, &e);
+
+    breaker =
+        cs_g.metrics ? cs_breaker_slot(cs_g.metrics->breakers, endpoint) : NULL;
+    if (breaker && cs_g.breaker_failures &&
+        !cs_breaker_allow(breaker, apr_time_now(), &retry_after)) {
+        apr_global_mutex_unlock(flight);
+        apr_table_setn(r->headers_out, "Retry-After",
+                       apr_itoa(r->pool, retry_after));
+        return send_error(r, CS_OUT_UNAVAILABLE, HTTP_SERVICE_UNAVAILABLE,
+                          "upstream_unavailable",
+                          "the CardScan API is unavailable; retry later");
+    }
+
+    fetch_token(r, d, endpoint, user_id, breaker, &e);
     if (e.kind == CS_ENTRY_TOKEN && e.expires)
         cache_put(r, d->key, id, &e, e.expires);
     else if (e.kind == CS_ENTRY_FAILURE)
         cache_put(r, d->key, id, &e, e.created + CS_FAILURE_TTL);
     apr_global_mutex_unlock(flight);
-    return send_entry(r, &e);
+    return send_entry(r, &e, CS_OUT_FETCHED);
+}
+
+/* ---------------------------------------------------------------- metrics */
+
+static int cs_metrics_handler(request_rec *r)
+{
+    const char *body;
+
+    if (!r->handler || strcmp(r->handler, CS_METRICS_HANDLER) != 0)
+        return DECLINED;
+    r->allowed = (AP_METHOD_BIT << M_GET);
+    if (r->method_number != M_GET)
+        return HTTP_METHOD_NOT_ALLOWED;
+    if (!cs_g.metrics)
+        return HTTP_SERVICE_UNAVAILABLE;
+    body = cs_metrics_render(r->pool, cs_g.metrics, apr_time_now());
+    ap_set_content_type(r, "text/plain; version=0.0.4; charset=utf-8");
+    apr_table_setn(r->headers_out, "Cache-Control", "no-store");
+    ap_set_content_length(r, strlen(body));
+    if (!r->header_only)
+        ap_rputs(body, r);
+    return OK;
+}
+
+/* The same figures on mod_status's server-status page. */
+static int cs_status_hook(request_rec *r, int flags)
+{
+    const char *text, *line;
+    char *copy, *state;
+
+    if (!cs_g.metrics)
+        return OK;
+    text = cs_metrics_render(r->pool, cs_g.metrics, apr_time_now());
+    copy = apr_pstrdup(r->pool, text);
+    if (!(flags & AP_STATUS_SHORT))
+        ap_rputs("<hr />\n<h2>mod_cardscan</h2>\n<pre>", r);
+    for (line = apr_strtok(copy, "\n", &state); line;
+         line = apr_strtok(NULL, "\n", &state)) {
+        if (*line == '#')
+            continue;
+        if (flags & AP_STATUS_SHORT) {
+            /* server-status?auto speaks "Key: value" */
+            const char *sp = strrchr(line, ' ');
+            if (sp)
+                ap_rprintf(r, "%.*s: %s\n", (int)(sp - line), line, sp + 1);
+        }
+        else
+            ap_rprintf(r, "%s\n", ap_escape_html(r->pool, line));
+    }
+    if (!(flags & AP_STATUS_SHORT))
+        ap_rputs("</pre>\n", r);
+    return OK;
 }
 
 static void cs_register_hooks(apr_pool_t *p)
@@ -858,6 +1123,9 @@ static void cs_register_hooks(apr_pool_t *p)
     ap_hook_post_config(cs_post_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_child_init(cs_child_init, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_handler(cs_session_handler, NULL, NULL, APR_HOOK_MIDDLE);
+    ap_hook_handler(cs_metrics_handler, NULL, NULL, APR_HOOK_MIDDLE);
+    APR_OPTIONAL_HOOK(ap, status_hook, cs_status_hook, NULL, NULL,
+                      APR_HOOK_MIDDLE);
 }
 
 AP_DECLARE_MODULE(cardscan) = {STANDARD20_MODULE_STUFF, create_dir_conf,

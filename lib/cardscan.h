@@ -213,4 +213,91 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
 const char *cs_upstream_url(apr_pool_t *p, const char *endpoint,
                             const char *user_id);
 
+/* ------------------------------------------------------ circuit breaker */
+
+/* One breaker per upstream endpoint, in memory shared by every child
+ * process; all fields are updated with atomic operations. */
+typedef struct cs_breaker {
+    apr_uint64_t endpoint_hash; /* 0: free slot */
+    apr_uint32_t failures;      /* consecutive failed exchanges */
+    apr_uint32_t unused;
+    apr_int64_t open_until;    /* apr_time_t; 0: closed */
+    apr_int64_t probe_started; /* apr_time_t of the probe; 0: none */
+    apr_uint64_t opened_total;
+} cs_breaker_t;
+
+#define CS_BREAKER_SLOTS 16
+
+/* The slot of an endpoint in a table of CS_BREAKER_SLOTS (claimed on first
+ * use; a full table shares the last slot). */
+cs_breaker_t *cs_breaker_slot(cs_breaker_t *table, const char *endpoint);
+
+/* Whether a request may call the upstream now. When not, *retry_after is
+ * the number of seconds until the next probe. */
+int cs_breaker_allow(cs_breaker_t *b, apr_time_t now, int *retry_after);
+
+/* Records the outcome of an exchange; `threshold` consecutive failures
+ * open the breaker for `period`. Returns 1 when this call opened it. */
+int cs_breaker_record(cs_breaker_t *b, apr_time_t now, int ok,
+                      apr_uint32_t threshold, apr_interval_time_t period);
+
+int cs_breaker_is_open(const cs_breaker_t *b, apr_time_t now);
+
+/* -------------------------------------------------------------- metrics */
+
+typedef enum {
+    CS_OUT_HIT = 0,     /* served from the cache */
+    CS_OUT_FETCHED,     /* this request called the API */
+    CS_OUT_WAITED,      /* served by another request's call (single flight) */
+    CS_OUT_DENIED,      /* refused before any call: method, no user, bad id */
+    CS_OUT_ERROR,       /* the call failed */
+    CS_OUT_UNAVAILABLE, /* the breaker is open */
+    CS_OUT_COUNT
+} cs_outcome_e;
+
+typedef enum {
+    CS_CLASS_2XX = 0,
+    CS_CLASS_3XX,
+    CS_CLASS_4XX,
+    CS_CLASS_5XX,
+    CS_CLASS_TIMEOUT,
+    CS_CLASS_CONNECT,
+    CS_CLASS_TLS,
+    CS_CLASS_OTHER,
+    CS_CLASS_COUNT
+} cs_class_e;
+
+#define CS_LATENCY_BUCKETS 10
+
+/* Counters shared by all children; updated with atomic adds. */
+typedef struct cs_metrics {
+    apr_uint64_t requests[CS_OUT_COUNT];
+    apr_uint64_t cache_hits, cache_misses;
+    apr_uint64_t upstream[CS_CLASS_COUNT];
+    apr_uint64_t latency_bucket[CS_LATENCY_BUCKETS]; /* not cumulative */
+    apr_uint64_t latency_count, latency_sum_usec;
+    apr_uint64_t singleflight_waits;
+    cs_breaker_t breakers[CS_BREAKER_SLOTS];
+} cs_metrics_t;
+
+void cs_metrics_request(cs_metrics_t *m, cs_outcome_e outcome);
+void cs_metrics_cache(cs_metrics_t *m, int hit);
+void cs_metrics_wait(cs_metrics_t *m);
+void cs_metrics_upstream(cs_metrics_t *m, cs_up_result_e result, int status,
+                         apr_interval_time_t elapsed);
+
+/* Prometheus text exposition format 0.0.4. */
+char *cs_metrics_render(apr_pool_t *p, const cs_metrics_t *m, apr_time_t now);
+
+/* The latency buckets' upper bounds, in seconds. */
+extern const double cs_latency_bounds[CS_LATENCY_BUCKETS];
+
+/* Whether an upstream outcome is worth one retry: a connect failure or a
+ * 502/503/504. */
+int cs_upstream_retryable(const cs_upstream_resp_t *resp);
+
+/* Whether an outcome counts against the upstream's health: transport
+ * failures, timeouts and 5xx. */
+int cs_upstream_failed(const cs_upstream_resp_t *resp);
+
 #endif /* CARDSCAN_H */

@@ -352,3 +352,19 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
                          req->max_body);
     release(u, h);
 }
+
+int cs_upstream_retryable(const cs_upstream_resp_t *resp)
+{
+    if (resp->result == CS_UP_CONNECT)
+        return 1;
+    return resp->result == CS_UP_OK &&
+           (resp->status == 502 || resp->status == 503 || resp->status == 504);
+}
+
+int cs_upstream_failed(const cs_upstream_resp_t *resp)
+{
+    if (resp->result == CS_UP_OK)
+        return resp->status >= 500;
+    /* an oversized body is the API talking nonsense, not being down */
+    return resp->result != CS_UP_TOO_BIG;
+}

@@ -225,8 +225,11 @@ DocumentRoot "{self.dir}"
                               stderr=subprocess.STDOUT, timeout=60)
 
     def start(self):
+        # A session of its own: on shutdown prefork signals its whole process
+        # group (killpg), which would otherwise include the test runner.
         self.proc = subprocess.Popen([HTTPD, "-f", self.conf, "-DFOREGROUND"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
 
         def up():
             if self.proc.poll() is not None:

@@ -12,6 +12,7 @@ Suite *token_suite(void);
 Suite *reply_suite(void);
 Suite *cache_suite(void);
 Suite *upstream_suite(void);
+Suite *breaker_suite(void);
 
 /* a fresh pool per test, destroyed by the fixture */
 extern apr_pool_t *tp;
