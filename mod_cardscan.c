@@ -46,6 +46,8 @@ module AP_MODULE_DECLARE_DATA cardscan_module;
 #define CS_DEFAULT_BREAKER_FAILURES 5
 #define CS_DEFAULT_BREAKER_PERIOD apr_time_from_sec(10)
 #define CS_CACHE_WARN_INTERVAL apr_time_from_sec(60)
+#define CS_CACHE_PAUSE_MIN apr_time_from_sec(2)
+#define CS_CACHE_PAUSE_MAX apr_time_from_sec(60)
 #define CS_SHM_KEY "mod_cardscan metrics shm"
 
 /* Per-directory (and per-server defaults, via lookup_defaults) settings. */
@@ -80,6 +82,8 @@ static struct {
     int seal_secret_set; /* CardScanCacheSecret */
     unsigned char seal_key[CS_SECRET_LEN];
     apr_time_t cache_warned; /* last cache-outage warning of this process */
+    apr_time_t cache_pause_until;    /* per process: cache unreachable */
+    apr_interval_time_t cache_pause; /* current back-off, 0 when healthy */
 } cs_g;
 
 /* ---------------------------------------------------------- configuration */
@@ -619,15 +623,36 @@ static void cs_child_init(apr_pool_t *p, server_rec *s)
 
 /* ------------------------------------------------------------------ cache */
 
-/* A cache that cannot be reached (Redis restarting, ...) must not flood the
- * log: one warning per process per interval, the rest at debug. */
-static int cache_warn_level(void)
+/* A cache that cannot be reached (Redis restarting, ...) is left alone for a
+ * while, doubling from 2 s to 60 s, so that neither this module nor the
+ * socache provider floods the log; requests call the API meanwhile. The
+ * state is per process and updated without a lock: a lost update only
+ * changes when the next attempt happens. */
+static void cache_failed(request_rec *r, apr_status_t rv, const char *what)
 {
     apr_time_t now = apr_time_now();
-    if (now - cs_g.cache_warned < CS_CACHE_WARN_INTERVAL)
-        return APLOG_DEBUG;
-    cs_g.cache_warned = now;
-    return APLOG_WARNING;
+    apr_interval_time_t pause =
+        cs_g.cache_pause ? 2 * cs_g.cache_pause : CS_CACHE_PAUSE_MIN;
+    if (pause > CS_CACHE_PAUSE_MAX)
+        pause = CS_CACHE_PAUSE_MAX;
+    cs_g.cache_pause = pause;
+    cs_g.cache_pause_until = now + pause;
+    ap_log_rerror(APLOG_MARK,
+                  now - cs_g.cache_warned >= CS_CACHE_WARN_INTERVAL
+                      ? APLOG_WARNING
+                      : APLOG_DEBUG,
+                  rv, r,
+                  APLOGNO(10527) "mod_cardscan: the token cache failed to %s; "
+                                 "calling the CardScan API directly for the "
+                                 "next %" APR_TIME_T_FMT " s",
+                  what, apr_time_sec(pause));
+    if (now - cs_g.cache_warned >= CS_CACHE_WARN_INTERVAL)
+        cs_g.cache_warned = now;
+}
+
+static int cache_usable(void)
+{
+    return cs_g.cache_inst && apr_time_now() >= cs_g.cache_pause_until;
 }
 
 /* The key entries are sealed with: per API key, or CardScanCacheSecret. */
@@ -649,7 +674,7 @@ static int cache_get(request_rec *r, const cs_key_t *key, const char *id,
     cs_key_t tmp;
     apr_status_t rv;
 
-    if (!cs_g.cache_inst)
+    if (!cache_usable())
         return 0;
     if (cs_g.cache_mutex)
         apr_global_mutex_lock(cs_g.cache_mutex);
@@ -660,10 +685,7 @@ static int cache_get(request_rec *r, const cs_key_t *key, const char *id,
         apr_global_mutex_unlock(cs_g.cache_mutex);
     if (rv != APR_SUCCESS) {
         if (!APR_STATUS_IS_NOTFOUND(rv))
-            ap_log_rerror(APLOG_MARK, cache_warn_level(), rv, r,
-                          APLOGNO(10527) "mod_cardscan: the token cache "
-                                         "cannot be read; calling the API "
-                                         "instead");
+            cache_failed(r, rv, "read");
         return 0;
     }
     if (cs_entry_open(r->pool, seal_key(key, &tmp), id, buf, len, e, &err) !=
@@ -686,7 +708,7 @@ static void cache_put(request_rec *r, const cs_key_t *key, const char *id,
     cs_key_t tmp;
     apr_status_t rv;
 
-    if (!cs_g.cache_inst)
+    if (!cache_usable())
         return;
     if (cs_entry_seal(r->pool, seal_key(key, &tmp), id, e, &data, &len, &err) !=
         APR_SUCCESS) {
@@ -709,10 +731,15 @@ static void cache_put(request_rec *r, const cs_key_t *key, const char *id,
                            data, (unsigned int)len, r->pool);
     if (cs_g.cache_mutex)
         apr_global_mutex_unlock(cs_g.cache_mutex);
-    if (rv != APR_SUCCESS)
-        ap_log_rerror(APLOG_MARK, cache_warn_level(), rv, r,
-                      APLOGNO(10514) "mod_cardscan: cannot store a token in "
-                                     "the cache");
+    if (rv == APR_SUCCESS)
+        cs_g.cache_pause = 0;
+    else if (APR_STATUS_IS_ENOSPC(rv)) /* a full shmcb: just not cached */
+        ap_log_rerror(
+            APLOG_MARK, APLOG_DEBUG, rv, r,
+            APLOGNO(10514) "mod_cardscan: the token cache has no room for this "
+                           "entry");
+    else
+        cache_failed(r, rv, "store");
 }
 
 /* ---------------------------------------------------------------- replies */

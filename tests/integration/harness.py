@@ -24,6 +24,7 @@ MODDIR = os.environ.get("CS_MODDIR", "/usr/lib/apache2/modules")
 
 TEST_KEY = "sk_test_cardscan_ai_mockkey0123456789abcd"
 LIVE_KEY = "sk_live_cardscan_ai_mockkey0123456789abcd"
+OTHER_KEY = "sk_test_cardscan_ai_otherkey9876543210zz"  # a second tenant
 USERS = {"alice": "alice-pw", "bob": "bob-pw", "a&user_id=b": "pw1", "x y": "pw2",
          "\u00fc@h.example": "pw3", "carol": "carol-pw"}
 
@@ -106,7 +107,7 @@ def stop_pid(proc_or_pid, sig=signal.SIGTERM, timeout=15.0):
 class Mock:
     """The bundled CardScan API mock, HTTP and HTTPS on 127.0.0.1."""
 
-    def __init__(self, tls=True, lifetime=900, api_keys=(TEST_KEY, LIVE_KEY), cert="server"):
+    def __init__(self, tls=True, lifetime=900, api_keys=(TEST_KEY, LIVE_KEY, OTHER_KEY), cert="server"):
         self.dir = tempfile.mkdtemp(prefix="cs-mock-")
         sd = session_dir()
         portfile = os.path.join(self.dir, "ports")
@@ -121,7 +122,8 @@ class Mock:
         wait_for(lambda: os.path.exists(portfile) or self.proc.poll() is not None, what="mock ports")
         if self.proc.poll() is not None:
             raise RuntimeError("the mock exited: see " + self.log.name)
-        ports = dict(line.strip().split("=") for line in open(portfile) if "=" in line)
+        with open(portfile) as f:
+            ports = dict(line.strip().split("=") for line in f if "=" in line)
         self.http_port = int(ports["http"])
         self.https_port = int(ports.get("https", 0))
 
@@ -168,7 +170,9 @@ class Apache:
     """A real apache2 in a temp dir, with mod_cardscan and Basic auth users."""
 
     def __init__(self, mpm="event", body="", global_conf="", loglevel="cardscan:debug",
-                 modules=(), servers=4, start=True):
+                 modules=(), servers=4, start=True, mpm_conf=None, access_log=False):
+        """mpm_conf: replaces the MPM tuning lines (StartServers...) entirely.
+        access_log: log "%P %u %>s %m %U" per request to self.access_log."""
         self.mpm = mpm
         self.dir = tempfile.mkdtemp(prefix="cs-httpd-")
         os.chmod(self.dir, 0o755)
@@ -176,10 +180,15 @@ class Apache:
         self.conf = os.path.join(self.dir, "httpd.conf")
         self.error_log = os.path.join(self.dir, "error.log")
         self.pidfile = os.path.join(self.dir, "httpd.pid")
+        self.access_log = os.path.join(self.dir, "access.log")
+        if access_log:
+            global_conf = 'CustomLog "%s" "%%P %%u %%>s %%m %%U"\n%s' % (self.access_log, global_conf)
         sd = session_dir()
         loads = "\n".join("LoadModule %s_module %s/mod_%s.so" % (m, MODDIR, m)
                           for m in ["mpm_" + mpm] + BASE_MODULES + list(modules))
-        if mpm == "prefork":
+        if mpm_conf is not None:
+            pass
+        elif mpm == "prefork":
             mpm_conf = ("StartServers %d\nMinSpareServers %d\nMaxSpareServers %d\n"
                         "MaxRequestWorkers 32\nMaxConnectionsPerChild 0\n") % (servers, servers, servers + 2)
         else:
@@ -269,15 +278,16 @@ DocumentRoot "{self.dir}"
         return [int(x) for x in out.split()]
 
     def request(self, path="/cardscan-session", user="alice", password=None, method="GET", body=None,
-                headers=None, conn=None, timeout=30):
-        """One request; returns (status, headers dict lower-cased, body bytes, json or None)."""
+                headers=None, conn=None, timeout=30, port=None):
+        """One request; returns (status, headers dict lower-cased, body bytes, json or None).
+        port: another port of this server (a Listen of a <VirtualHost>)."""
         h = dict(headers or {})
         if user is not None:
             pw = password if password is not None else USERS[user]
             cred = ("%s:%s" % (user, pw)).encode("utf-8")
             h["Authorization"] = "Basic " + base64.b64encode(cred).decode()
         own = conn is None
-        c = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        c = conn or http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=timeout)
         try:
             c.request(method, path, body=body, headers=h)
             r = c.getresponse()
@@ -291,6 +301,19 @@ DocumentRoot "{self.dir}"
         finally:
             if own:
                 c.close()
+
+    def access_pids(self):
+        """PIDs that served the requests logged so far (needs access_log=True)."""
+        try:
+            with open(self.access_log, encoding="utf-8", errors="replace") as f:
+                return [int(line.split()[0]) for line in f if line.strip()]
+        except OSError:
+            return []
+
+    def wait_log(self, text, timeout=10.0):
+        """Waits (bounded) until the error log contains text; returns the log."""
+        wait_for(lambda: text in self.log(), timeout, "%r in the error log" % text)
+        return self.log()
 
 
 def jwt_payload(token):
@@ -332,3 +355,58 @@ class MockTestCase(unittest.TestCase):
         a = Apache(mpm=mpm, body=body, global_conf=global_conf, **kw)
         self.servers.append(a)
         return a
+
+
+def auth_location(path, directives=""):
+    """A <Location> protected by the harness's Basic-auth users, running the
+    cardscan-session handler, with extra mod_cardscan directives."""
+    return """<Location "%s">
+    AuthType Basic
+    AuthName "portal"
+    AuthBasicProvider file
+    AuthUserFile "%s/htpasswd"
+    Require valid-user
+    SetHandler cardscan-session
+    %s
+</Location>
+""" % (path, session_dir(), directives)
+
+
+def run_concurrently(fn, args_list, timeout=60.0):
+    """Calls fn(*args) for every args in args_list, each in its own thread,
+    released together by a barrier; returns the results in order (an
+    exception raised by a call is re-raised here). Bounded by timeout."""
+    import threading
+    n = len(args_list)
+    barrier = threading.Barrier(n)
+    results = [None] * n
+    errors = [None] * n
+
+    def worker(i, args):
+        try:
+            barrier.wait(timeout)
+            results[i] = fn(*args)
+        except BaseException as e:  # reported to the caller below
+            errors[i] = e
+    threads = [threading.Thread(target=worker, args=(i, a), daemon=True) for i, a in enumerate(args_list)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads):
+        raise AssertionError("concurrent calls still running after %.0f s" % timeout)
+    for e in errors:
+        if e is not None:
+            raise e
+    return results
+
+
+def rfc3339_utc(text):
+    """Epoch seconds of a strict RFC 3339 UTC timestamp YYYY-MM-DDTHH:MM:SSZ
+    (ValueError otherwise)."""
+    import calendar
+    import re
+    if not isinstance(text, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", text):
+        raise ValueError("not RFC 3339 UTC: %r" % (text,))
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))

@@ -1,0 +1,325 @@
+"""A fleet of two Apache servers sharing the token cache on a real Redis and a
+real memcached on 127.0.0.1 (issue: fleet cache)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+
+from harness import (MockTestCase, OTHER_KEY, TEST_KEY, apache_conf, free_port, jwt_payload, stop_pid,
+                     wait_for)
+
+REDIS = shutil.which("redis-server")
+MEMCACHED = shutil.which("memcached")
+
+
+def _port_open(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+class Redis:
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="cs-redis-")
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen([REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", self.dir],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _port_open(self.port), 10, "redis-server")
+
+    def stop(self):
+        stop_pid(self.proc)
+
+    def command(self, *args):
+        """A RESP request; returns the raw reply bytes (enough for tests)."""
+        out = b"*%d\r\n" % len(args)
+        for a in args:
+            a = a if isinstance(a, bytes) else str(a).encode()
+            out += b"$%d\r\n%s\r\n" % (len(a), a)
+        with socket.create_connection(("127.0.0.1", self.port), 5) as s:
+            s.sendall(out)
+            data = b""
+            s.settimeout(2)
+            while True:
+                try:
+                    chunk = s.recv(65536)
+                except socket.timeout:
+                    break
+                if not chunk:
+                    break
+                data += chunk
+                if self._complete(data):
+                    break
+            return data
+
+    @staticmethod
+    def _complete(data):
+        # good enough for the replies used here: a bulk string, an array of
+        # bulk strings, a simple string or an integer
+        try:
+            Redis._parse(data, 0)
+            return True
+        except (IndexError, ValueError):
+            return False
+
+    @staticmethod
+    def _parse(data, i):
+        end = data.index(b"\r\n", i)
+        kind, head = data[i:i + 1], data[i + 1:end]
+        if kind in (b"+", b"-", b":"):
+            return head, end + 2
+        if kind == b"$":
+            n = int(head)
+            if n < 0:
+                return None, end + 2
+            if len(data) < end + 2 + n + 2:
+                raise IndexError
+            return data[end + 2:end + 2 + n], end + 2 + n + 2
+        if kind == b"*":
+            items, j = [], end + 2
+            for _ in range(int(head)):
+                item, j = Redis._parse(data, j)
+                items.append(item)
+            return items, j
+        raise ValueError(kind)
+
+    def value(self, *args):
+        return self._parse(self.command(*args), 0)[0]
+
+    def keys(self):
+        return self.value("KEYS", "*") or []
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Memcached:
+    def __init__(self):
+        self.port = free_port()
+        cmd = [MEMCACHED, "-l", "127.0.0.1", "-p", str(self.port), "-U", "0"]
+        if os.geteuid() == 0:
+            cmd += ["-u", "nobody"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _port_open(self.port), 10, "memcached")
+
+    def close(self):
+        stop_pid(self.proc)
+
+
+def fleet_conf(mock, cache, key=TEST_KEY, extra=""):
+    return apache_conf(key=key, endpoint=mock.http_url, extra="CardScanCache %s\n%s" % (cache, extra))
+
+
+@unittest.skipUnless(REDIS and MEMCACHED, "redis-server and memcached are installed by scripts/test")
+class FleetTests(MockTestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.redis = Redis()
+        cls.memcached = Memcached()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.redis.close()
+        cls.memcached.close()
+        super().tearDownClass()
+
+    def setUp(self):
+        super().setUp()
+        self.redis.command("FLUSHALL")
+
+    def two_servers(self, cache, module, mpms=("event", "prefork"), **kw):
+        return [self.apache(mpm=mpm, global_conf=fleet_conf(self.mock, cache, **kw), modules=[module])
+                for mpm in mpms]
+
+    def alternate(self, servers, user="alice", rounds=6):
+        tokens = set()
+        for i in range(rounds):
+            status, _, _, doc = servers[i % len(servers)].request(user=user)
+            self.assertEqual(status, 200, doc)
+            tokens.add(doc["Token"])
+        return tokens
+
+    def test_redis_one_token_one_call_across_servers(self):
+        servers = self.two_servers("redis:127.0.0.1:%d" % self.redis.port, "socache_redis")
+        tokens = self.alternate(servers)
+        self.assertEqual(len(tokens), 1)
+        self.assertEqual(self.mock.calls(), 1)
+        self.assertEqual(jwt_payload(tokens.pop())["sub"], "alice")
+        # bob is his own entry
+        self.assertEqual(len(self.alternate(servers, user="bob")), 1)
+        self.assertEqual(self.mock.calls(), 2)
+
+    def test_memcached_one_token_one_call_across_servers(self):
+        servers = self.two_servers("memcache:127.0.0.1:%d" % self.memcached.port, "socache_memcache")
+        tokens = self.alternate(servers, user="carol")
+        self.assertEqual(len(tokens), 1)
+        self.assertEqual(self.mock.calls(), 1)
+
+    def test_redis_values_reveal_nothing(self):
+        servers = self.two_servers("redis:127.0.0.1:%d" % self.redis.port, "socache_redis", mpms=("event",))
+        status, _, _, doc = servers[0].request(user="alice")
+        self.assertEqual(status, 200)
+        keys = self.redis.keys()
+        self.assertEqual(len(keys), 1, keys)
+        value = self.redis.value("GET", keys[0])
+        self.assertTrue(value)
+        token = doc["Token"].encode()
+        for secret in (token, token.split(b".")[1], token.split(b".")[2][:40], b"alice", TEST_KEY.encode(),
+                       doc["IdentityId"].encode(), doc["session_id"].encode()):
+            self.assertNotIn(secret, value)
+            self.assertNotIn(secret, keys[0])
+
+    def test_tampered_entry_is_a_miss_and_logged(self):
+        servers = self.two_servers("redis:127.0.0.1:%d" % self.redis.port, "socache_redis", mpms=("event",))
+        first = servers[0].request(user="alice")[3]["Token"]
+        key = self.redis.keys()[0]
+        value = bytearray(self.redis.value("GET", key))
+        value[len(value) // 2] ^= 0x01
+        self.redis.command("SET", key, bytes(value))
+        status, _, _, doc = servers[0].request(user="alice")
+        self.assertEqual(status, 200)
+        self.assertNotEqual(doc["Token"], first)
+        self.assertEqual(jwt_payload(doc["Token"])["sub"], "alice")
+        self.assertEqual(self.mock.calls(), 2)
+        self.assertIn("ignoring a cache entry", servers[0].log())
+
+    def test_tenants_with_different_keys_share_nothing(self):
+        cache = "redis:127.0.0.1:%d" % self.redis.port
+        a = self.apache(global_conf=fleet_conf(self.mock, cache), modules=["socache_redis"])
+        b = self.apache(global_conf=fleet_conf(self.mock, cache, key=OTHER_KEY), modules=["socache_redis"])
+        ta = a.request()[3]["Token"]
+        tb = b.request()[3]["Token"]
+        self.assertNotEqual(ta, tb)
+        self.assertEqual(self.mock.calls(), 2)
+        self.assertEqual(len(self.redis.keys()), 2)
+        self.assertEqual(a.request()[3]["Token"], ta)
+        self.assertEqual(b.request()[3]["Token"], tb)
+
+    def test_explicit_fleet_secret(self):
+        d = tempfile.mkdtemp(prefix="cs-secret-")
+        self.addCleanup(shutil.rmtree, d, True)
+        for name, text in (("s1", "fleet-secret-0123456789abcdef"), ("s2", "another-secret-0123456789abcdef")):
+            with open(os.path.join(d, name), "w") as f:
+                f.write(text + "\n")
+        cache = "redis:127.0.0.1:%d" % self.redis.port
+        s1 = "CardScanCacheSecret file:%s/s1\n" % d
+        a = self.apache(global_conf=fleet_conf(self.mock, cache, extra=s1), modules=["socache_redis"])
+        b = self.apache(global_conf=fleet_conf(self.mock, cache, extra=s1), modules=["socache_redis"])
+        c = self.apache(global_conf=fleet_conf(self.mock, cache, extra="CardScanCacheSecret file:%s/s2\n" % d),
+                        modules=["socache_redis"])
+        t = a.request()[3]["Token"]
+        self.assertEqual(b.request()[3]["Token"], t)
+        self.assertEqual(self.mock.calls(), 1)
+        # a server with another secret cannot open the entry: a miss, not an error
+        status, _, _, doc = c.request()
+        self.assertEqual(status, 200)
+        self.assertNotEqual(doc["Token"], t)
+        self.assertEqual(self.mock.calls(), 2)
+
+    def test_cold_start_storm_over_two_servers(self):
+        self.mock.config(latency_ms=300)
+        servers = self.two_servers("redis:127.0.0.1:%d" % self.redis.port, "socache_redis")
+        results = []
+
+        def hit(server, user):
+            results.append((user, server.request(user=user)))
+
+        threads = [threading.Thread(target=hit, args=(servers[i % 2], user))
+                   for user in ("alice", "bob", "carol") for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(len(results), 24)
+        for user, (status, _, _, doc) in results:
+            self.assertEqual(status, 200, doc)
+            self.assertEqual(jwt_payload(doc["Token"])["sub"], user)
+        # the guarantee: at most one call per user per server
+        calls = self.mock.stats()["user_ids"]
+        for user in ("alice", "bob", "carol"):
+            self.assertGreaterEqual(calls.count(user), 1)
+            self.assertLessEqual(calls.count(user), 2, calls)
+
+
+@unittest.skipUnless(REDIS, "redis-server is installed by scripts/test")
+class RedisOutageTests(MockTestCase):
+    """Redis down, slow or restarted: requests still succeed through the API,
+    the log is not flooded, and the cache is used again without a restart."""
+
+    def setUp(self):
+        super().setUp()
+        self.redis = Redis()
+        self.addCleanup(self.redis.close)
+
+    def test_redis_down_then_back(self):
+        a = self.apache(global_conf=fleet_conf(self.mock, "redis:127.0.0.1:%d" % self.redis.port),
+                        modules=["socache_redis"], servers=2)
+        self.assertEqual(a.request()[0], 200)
+        self.assertEqual(self.mock.calls(), 1)
+        self.redis.stop()
+        for i in range(30):
+            status, _, _, doc = a.request(user=("alice", "bob")[i % 2])
+            self.assertEqual(status, 200, doc)
+        # without a cache, each request called the API
+        self.assertGreaterEqual(self.mock.calls(), 30)
+        log = a.log().splitlines()
+        warnings = [l for l in log if "token cache failed" in l and ":warn]" in l]
+        self.assertGreaterEqual(len(warnings), 1)
+        # the cache is left alone for a while after a failure, so neither
+        # mod_cardscan nor the socache provider logs once per request
+        noisy = [l for l in log if "socache_redis" in l or "token cache failed" in l]
+        self.assertLessEqual(len(noisy), 4 * len(a.child_pids()) + 4, "\n".join(noisy))
+        self.redis.start()
+        before = self.mock.calls()
+
+        def cached_again():
+            a.request(user="carol")
+            n = self.mock.calls()
+            a.request(user="carol")
+            return self.mock.calls() == n
+        wait_for(cached_again, 30, "the cache to be used again")
+        self.assertGreater(self.mock.calls(), before)
+        self.assertTrue(self.redis.keys())
+
+    def test_redis_restart_mid_run_loses_no_request(self):
+        a = self.apache(global_conf=fleet_conf(self.mock, "redis:127.0.0.1:%d" % self.redis.port),
+                        modules=["socache_redis"], servers=2)
+        statuses = []
+        stop = threading.Event()
+
+        def load():
+            users = ("alice", "bob", "carol")
+            i = 0
+            while not stop.is_set() and i < 2000:
+                statuses.append(a.request(user=users[i % 3])[0])
+                i += 1
+
+        t = threading.Thread(target=load)
+        t.start()
+        wait_for(lambda: len(statuses) > 20, 20, "load")
+        self.redis.stop()
+        n = len(statuses)
+        wait_for(lambda: len(statuses) > n + 20, 20, "load without redis")
+        self.redis.start()
+        n = len(statuses)
+        wait_for(lambda: len(statuses) > n + 20, 20, "load after restart")
+        stop.set()
+        t.join(30)
+        self.assertGreater(len(statuses), 60)
+        self.assertEqual([s for s in statuses if s != 200], [])
+
+
+if __name__ == "__main__":
+    unittest.main()
