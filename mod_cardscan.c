@@ -49,6 +49,7 @@ module AP_MODULE_DECLARE_DATA cardscan_module;
 #define CS_CACHE_PAUSE_MIN apr_time_from_sec(2)
 #define CS_CACHE_PAUSE_MAX apr_time_from_sec(60)
 #define CS_SHM_KEY "mod_cardscan metrics shm"
+#define CS_FLIGHT_KEY "mod_cardscan flight mutexes"
 
 /* Per-directory (and per-server defaults, via lookup_defaults) settings. */
 typedef struct {
@@ -536,6 +537,32 @@ static apr_status_t attach_metrics(server_rec *s)
     return APR_SUCCESS;
 }
 
+/* The single-flight stripes are made once per server lifetime too: children
+ * of the previous generation still hold them while they finish their
+ * requests after a graceful restart, so they must not be destroyed under
+ * them. (A changed Mutex cardscan-flight applies at the next full start.) */
+static apr_status_t attach_flight(server_rec *s, apr_pool_t *ptemp)
+{
+    apr_pool_t *pp = s->process->pool;
+    void *saved = NULL;
+    apr_status_t rv;
+
+    apr_pool_userdata_get(&saved, CS_FLIGHT_KEY, pp);
+    if (saved) {
+        memcpy(cs_g.flight, saved, sizeof(cs_g.flight));
+        return APR_SUCCESS;
+    }
+    for (int i = 0; i < CS_FLIGHT_STRIPES; i++) {
+        rv = ap_global_mutex_create(&cs_g.flight[i], NULL, CS_FLIGHT_MUTEX,
+                                    apr_itoa(ptemp, i), s, pp, 0);
+        if (rv != APR_SUCCESS)
+            return rv;
+    }
+    saved = apr_pmemdup(pp, cs_g.flight, sizeof(cs_g.flight));
+    apr_pool_userdata_set(saved, CS_FLIGHT_KEY, apr_pool_cleanup_null, pp);
+    return APR_SUCCESS;
+}
+
 static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
                           apr_pool_t *ptemp, server_rec *s)
 {
@@ -552,12 +579,8 @@ static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
     if ((rv = attach_metrics(s)) != APR_SUCCESS)
         return HTTP_INTERNAL_SERVER_ERROR;
 
-    for (int i = 0; i < CS_FLIGHT_STRIPES; i++) {
-        rv = ap_global_mutex_create(&cs_g.flight[i], NULL, CS_FLIGHT_MUTEX,
-                                    apr_itoa(ptemp, i), s, pconf, 0);
-        if (rv != APR_SUCCESS)
-            return HTTP_INTERNAL_SERVER_ERROR;
-    }
+    if ((rv = attach_flight(s, ptemp)) != APR_SUCCESS)
+        return HTTP_INTERNAL_SERVER_ERROR;
 
     if (!split_cache_spec(ptemp, &name, &args)) {
         ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s,
@@ -676,8 +699,11 @@ static int cache_get(request_rec *r, const cs_key_t *key, const char *id,
 
     if (!cache_usable())
         return 0;
-    if (cs_g.cache_mutex)
-        apr_global_mutex_lock(cs_g.cache_mutex);
+    /* the lock fails in children of a generation a graceful restart has
+     * replaced: their cache is going away, so do without it */
+    if (cs_g.cache_mutex &&
+        apr_global_mutex_lock(cs_g.cache_mutex) != APR_SUCCESS)
+        return 0;
     rv = cs_g.cache->retrieve(cs_g.cache_inst, r->server,
                               (const unsigned char *)id, CS_CACHE_ID_LEN, buf,
                               &len, r->pool);
@@ -724,8 +750,9 @@ static void cache_put(request_rec *r, const cs_key_t *key, const char *id,
                       len);
         return;
     }
-    if (cs_g.cache_mutex)
-        apr_global_mutex_lock(cs_g.cache_mutex);
+    if (cs_g.cache_mutex &&
+        apr_global_mutex_lock(cs_g.cache_mutex) != APR_SUCCESS)
+        return;
     rv = cs_g.cache->store(cs_g.cache_inst, r->server,
                            (const unsigned char *)id, CS_CACHE_ID_LEN, expiry,
                            data, (unsigned int)len, r->pool);

@@ -75,6 +75,16 @@ def _make_htpasswd(d):
     os.chmod(path, 0o644)
 
 
+def httpd_env(extra=None):
+    """apache2's environment: ours, plus CS_HTTPD_PRELOAD as LD_PRELOAD (the
+    sanitizer build preloads libasan into apache2 only), plus extra."""
+    env = dict(os.environ)
+    if os.environ.get("CS_HTTPD_PRELOAD"):
+        env["LD_PRELOAD"] = os.environ["CS_HTTPD_PRELOAD"]
+    env.update(extra or {})
+    return env
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -233,12 +243,16 @@ DocumentRoot "{self.dir}"
         return subprocess.run([HTTPD, "-t", "-f", self.conf], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, timeout=60)
 
-    def start(self):
+    def start(self, env=None):
+        """env: extra variables for apache2's environment (e.g. for
+        CardScanAPIKey env:NAME); kept for later restarts of this server."""
+        if env is not None:
+            self.env = dict(env)
         # A session of its own: on shutdown prefork signals its whole process
         # group (killpg), which would otherwise include the test runner.
         self.proc = subprocess.Popen([HTTPD, "-f", self.conf, "-DFOREGROUND"],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=httpd_env(getattr(self, "env", None)))
 
         def up():
             if self.proc.poll() is not None:
@@ -261,6 +275,11 @@ DocumentRoot "{self.dir}"
             stop_pid(self.proc, signal.SIGTERM, 30)
         if self.proc and self.proc.stdout:
             self.proc.stdout.close()
+        # under the sanitizer build, a finding in any child fails the test
+        findings = [l for l in self.log().splitlines()
+                    if "ERROR: AddressSanitizer" in l or "runtime error:" in l]
+        if findings:
+            raise AssertionError("sanitizer findings in %s:\n%s" % (self.error_log, "\n".join(findings[:20])))
         if os.environ.get("CS_KEEP_LOGS"):
             return
         shutil.rmtree(self.dir, ignore_errors=True)

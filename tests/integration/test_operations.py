@@ -1,0 +1,153 @@
+"""Operations: metrics aggregated over all children, server-status figures,
+graceful restarts under load, and no leaked segments, semaphores or file
+descriptors over 100 graceful restarts."""
+
+import os
+import re
+import threading
+import unittest
+
+from harness import MockTestCase, jwt_payload, wait_for
+
+OPS_LOCATIONS = """
+<Location "/cardscan-metrics">
+    SetHandler cardscan-metrics
+    Require ip 127.0.0.1
+</Location>
+<Location "/server-status">
+    SetHandler server-status
+    Require ip 127.0.0.1
+</Location>
+"""
+
+
+def metric(text, name):
+    m = re.search(r"^%s (\S+)$" % re.escape(name), text, re.M)
+    if not m:
+        raise AssertionError("metric %s missing from:\n%s" % (name, text))
+    return float(m.group(1))
+
+
+def sysv_ids(kind):
+    with open("/proc/sysvipc/" + kind) as f:
+        return len(f.read().splitlines()) - 1
+
+
+def proc_counts(pid):
+    with open("/proc/%d/maps" % pid) as f:
+        return len(os.listdir("/proc/%d/fd" % pid)), sum(1 for _ in f)
+
+
+class MetricsTests(MockTestCase):
+    def check_metrics(self, mpm):
+        a = self.apache(mpm=mpm, body=OPS_LOCATIONS, servers=4, access_log=True)
+        for i in range(24):
+            status, _, _, doc = a.request(user=("alice", "bob", "carol")[i % 3])
+            self.assertEqual(status, 200)
+        self.assertEqual(a.request(method="PUT")[0], 405)
+        status, headers, body, _ = a.request("/cardscan-metrics", user=None)
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["content-type"].startswith("text/plain"))
+        text = body.decode()
+        # the requests were served by several children: the figures are the
+        # sum over all of them
+        if mpm == "prefork":
+            self.assertGreater(len(set(a.access_pids())), 1)
+        self.assertEqual(metric(text, 'cardscan_requests_total{outcome="fetched"}'), 3)
+        self.assertEqual(metric(text, 'cardscan_requests_total{outcome="hit"}'), 21)
+        self.assertEqual(metric(text, 'cardscan_requests_total{outcome="denied"}'), 1)
+        self.assertEqual(metric(text, "cardscan_cache_hits_total"), 21)
+        self.assertEqual(metric(text, "cardscan_cache_misses_total"), 3)
+        self.assertEqual(metric(text, 'cardscan_upstream_requests_total{class="2xx"}'), 3)
+        self.assertEqual(metric(text, "cardscan_upstream_duration_seconds_count"), 3)
+        self.assertEqual(metric(text, 'cardscan_upstream_duration_seconds_bucket{le="+Inf"}'), 3)
+        self.assertEqual(metric(text, "cardscan_circuit_open"), 0)
+        self.assertIn("# TYPE cardscan_upstream_duration_seconds histogram", text)
+        # mod_status shows the same figures
+        status, _, body, _ = a.request("/server-status?auto", user=None)
+        self.assertEqual(status, 200)
+        self.assertRegex(body.decode(), r'cardscan_cache_hits_total: 21\b')
+        status, _, body, _ = a.request("/server-status", user=None)
+        self.assertIn("mod_cardscan", body.decode())
+        self.assertIn('cardscan_requests_total{outcome=&quot;hit&quot;} 21', body.decode())
+        # the metrics survive a graceful restart (the shared memory is kept)
+        generation = a.log().count("resuming normal operations")
+        a.graceful()
+        wait_for(lambda: a.log().count("resuming normal operations") > generation, 20, "graceful restart")
+        text = a.request("/cardscan-metrics", user=None)[2].decode()
+        self.assertEqual(metric(text, "cardscan_cache_hits_total"), 21)
+
+    def test_metrics_prefork(self):
+        self.check_metrics("prefork")
+
+    def test_metrics_event(self):
+        self.check_metrics("event")
+
+    def test_metrics_only_get(self):
+        a = self.apache(body=OPS_LOCATIONS)
+        self.assertEqual(a.request("/cardscan-metrics", user=None, method="POST")[0], 405)
+
+
+class RestartTests(MockTestCase):
+    def test_graceful_restarts_under_load_lose_no_request(self):
+        for mpm in ("event", "prefork"):
+            with self.subTest(mpm=mpm):
+                self.mock.reset()
+                a = self.apache(mpm=mpm, body=OPS_LOCATIONS, servers=2)
+                results = []
+                stop = threading.Event()
+
+                def load(user):
+                    n = 0
+                    while not stop.is_set() and n < 3000:
+                        status, _, _, doc = a.request(user=user)
+                        ok = status == 200 and jwt_payload(doc["Token"])["sub"] == user
+                        results.append(ok or (status, doc))
+                        n += 1
+
+                threads = [threading.Thread(target=load, args=(u,)) for u in ("alice", "bob", "carol")]
+                for t in threads:
+                    t.start()
+                try:
+                    for i in range(5):
+                        generation = a.log().count("resuming normal operations")
+                        before = len(results)
+                        a.graceful()
+                        wait_for(lambda: a.log().count("resuming normal operations") > generation, 30,
+                                 "graceful restart")
+                        wait_for(lambda: len(results) > before + 10, 30, "requests after the restart")
+                finally:
+                    stop.set()
+                    for t in threads:
+                        t.join(60)
+                self.assertGreater(len(results), 50)
+                self.assertEqual([r for r in results if r is not True], [])
+
+    def test_100_graceful_restarts_leak_nothing(self):
+        a = self.apache(mpm="event", body=OPS_LOCATIONS, servers=1)
+        self.assertEqual(a.request()[0], 200)
+        pid = a.proc.pid
+
+        def restart():
+            generation = a.log().count("resuming normal operations")
+            a.graceful()
+            wait_for(lambda: a.log().count("resuming normal operations") > generation, 30, "graceful restart")
+
+        # a few restarts first: allocations made once per process settle
+        for _ in range(3):
+            restart()
+        shm, sem = sysv_ids("shm"), sysv_ids("sem")
+        fds, maps = proc_counts(pid)
+        for _ in range(100):
+            restart()
+        self.assertEqual(a.request()[0], 200)
+        self.assertEqual(sysv_ids("shm"), shm, "System V shared memory segments leaked")
+        self.assertEqual(sysv_ids("sem"), sem, "System V semaphores leaked")
+        fds2, maps2 = proc_counts(pid)
+        self.assertLessEqual(fds2, fds, "file descriptors leaked by the parent")
+        # anonymous shared memory (metrics, mutexes, shmcb) is a mapping
+        self.assertLessEqual(maps2, maps + 2, "mappings leaked by the parent")
+
+
+if __name__ == "__main__":
+    unittest.main()
