@@ -298,6 +298,8 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
         curl_easy_setopt(h, CURLOPT_CAINFO, req->ca_file);
     if (req->proxy) {
         curl_easy_setopt(h, CURLOPT_PROXY, req->proxy);
+        /* no_proxy from Apache's environment must not bypass it */
+        curl_easy_setopt(h, CURLOPT_NOPROXY, "");
         if (req->proxy_auth)
             curl_easy_setopt(h, CURLOPT_PROXYUSERPWD, req->proxy_auth);
         if (req->ca_file)
