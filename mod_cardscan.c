@@ -48,8 +48,12 @@ module AP_MODULE_DECLARE_DATA cardscan_module;
 #define CS_CACHE_WARN_INTERVAL apr_time_from_sec(60)
 #define CS_CACHE_PAUSE_MIN apr_time_from_sec(2)
 #define CS_CACHE_PAUSE_MAX apr_time_from_sec(60)
-#define CS_SHM_KEY "mod_cardscan metrics shm"
-#define CS_FLIGHT_KEY "mod_cardscan flight mutexes"
+/* Shared state kept across graceful restarts is found again by these keys;
+ * the version and layout size are part of them, so that a newer module
+ * loaded by a graceful reload makes its own instead of misreading the old. */
+#define CS_STATE_TAG CS_VERSION "/" APR_STRINGIFY(CS_FLIGHT_STRIPES)
+#define CS_SHM_KEY "mod_cardscan metrics " CS_STATE_TAG
+#define CS_FLIGHT_KEY "mod_cardscan flight " CS_STATE_TAG
 
 /* Per-directory (and per-server defaults, via lookup_defaults) settings. */
 typedef struct {
@@ -397,7 +401,7 @@ static const char *effective_endpoint(const cs_dir_conf *d)
 /* A live key against the sandbox (or the reverse) is refused at start-up,
  * wherever the pair meets: server, vhost or section. */
 static int check_key_endpoint(apr_pool_t *p, server_rec *s,
-                              const cs_dir_conf *d)
+                              const cs_dir_conf *d, const char *section)
 {
     const char *err = NULL;
     if (!d->key)
@@ -405,8 +409,13 @@ static int check_key_endpoint(apr_pool_t *p, server_rec *s,
     if (cs_endpoint_check_key(p, effective_endpoint(d), d->key, &err) !=
         APR_SUCCESS) {
         ap_log_error(APLOG_MARK, APLOG_EMERG, 0, s,
-                     APLOGNO(10502) "mod_cardscan: %s (%s:%d)", err,
-                     s->defn_name ? s->defn_name : "?", s->defn_line_number);
+                     APLOGNO(10502) "mod_cardscan: %s (in %s%s%s)", err,
+                     s->is_virtual
+                         ? apr_psprintf(p, "the virtual host %s, %s:%d",
+                                        s->server_hostname, s->defn_name,
+                                        s->defn_line_number)
+                         : "the main server",
+                     section ? ", section " : "", section ? section : "");
         return !OK;
     }
     return OK;
@@ -418,8 +427,9 @@ static int check_sections(apr_pool_t *p, server_rec *s, const cs_dir_conf *base,
     for (int i = 0; secs && i < secs->nelts; i++) {
         ap_conf_vector_t *v = APR_ARRAY_IDX(secs, i, ap_conf_vector_t *);
         cs_dir_conf *d = ap_get_module_config(v, &cardscan_module);
-        if (d &&
-            check_key_endpoint(p, s, merge_dir_conf(p, (void *)base, d)) != OK)
+        core_dir_config *core = ap_get_core_module_config(v);
+        if (d && check_key_endpoint(p, s, merge_dir_conf(p, (void *)base, d),
+                                    core && core->d ? core->d : "?") != OK)
             return !OK;
     }
     return OK;
@@ -478,7 +488,7 @@ static int cs_check_config(apr_pool_t *pconf, apr_pool_t *plog,
         core_server_config *core = ap_get_core_module_config(s->module_config);
         cs_dir_conf *base =
             ap_get_module_config(s->lookup_defaults, &cardscan_module);
-        if (check_key_endpoint(ptemp, s, base) != OK ||
+        if (check_key_endpoint(ptemp, s, base, NULL) != OK ||
             check_sections(ptemp, s, base, core->sec_url) != OK ||
             check_sections(ptemp, s, base, core->sec_dir) != OK)
             return !OK;
@@ -520,7 +530,7 @@ static apr_status_t attach_metrics(server_rec *s)
     apr_status_t rv;
 
     apr_pool_userdata_get(&data, CS_SHM_KEY, pp);
-    if (data) {
+    if (data && apr_shm_size_get(data) >= sizeof(cs_metrics_t)) {
         cs_g.metrics = apr_shm_baseaddr_get(data);
         return APR_SUCCESS;
     }
@@ -1027,7 +1037,16 @@ static int cs_session_handler(request_rec *r)
     }
 
     /* Identity: only from the authenticated request, never from anything
-     * the client sends. Fail closed. */
+     * the client sends. Fail closed: no authenticated user, no token, even
+     * when CardScanUserID does not name REMOTE_USER. */
+    if (!r->user || !*r->user) {
+        ap_log_rerror(APLOG_MARK, APLOG_INFO, 0, r,
+                      APLOGNO(10523) "mod_cardscan: no authenticated user: "
+                                     "protect this location with Apache "
+                                     "authentication");
+        return send_error(r, CS_OUT_DENIED, HTTP_UNAUTHORIZED,
+                          "unauthenticated", "log in first");
+    }
     if (d->user_id) {
         user_id = ap_expr_str_exec(r, d->user_id, &err);
         if (err) {
@@ -1042,16 +1061,11 @@ static int cs_session_handler(request_rec *r)
     }
     if (!user_id || !*user_id) {
         ap_log_rerror(APLOG_MARK, APLOG_INFO, 0, r,
-                      APLOGNO(10523) "mod_cardscan: no user id (%s): protect "
-                                     "this location with Apache "
-                                     "authentication",
-                      r->user ? "CardScanUserID is empty"
-                              : "no authenticated user");
-        return r->user
-                   ? send_error(r, CS_OUT_DENIED, HTTP_FORBIDDEN, "no_user_id",
-                                "no user id is known for this login")
-                   : send_error(r, CS_OUT_DENIED, HTTP_UNAUTHORIZED,
-                                "unauthenticated", "log in first");
+                      APLOGNO(10530) "mod_cardscan: CardScanUserID is empty "
+                                     "for user %s",
+                      r->user);
+        return send_error(r, CS_OUT_DENIED, HTTP_FORBIDDEN, "no_user_id",
+                          "no user id is known for this login");
     }
     if (cs_user_id_check(r->pool, user_id, &err) != APR_SUCCESS) {
         ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r,

@@ -2,6 +2,7 @@
 bundled CardScan mock, loopback only. Every process started here is stopped
 by its PID; every wait is bounded."""
 
+import atexit
 import base64
 import http.client
 import json
@@ -36,6 +37,7 @@ def session_dir():
     global _session_dir
     if _session_dir is None:
         _session_dir = tempfile.mkdtemp(prefix="cs-it-")
+        atexit.register(shutil.rmtree, _session_dir, True)
         os.chmod(_session_dir, 0o755)
         _make_certs(_session_dir)
         _make_htpasswd(_session_dir)
