@@ -88,6 +88,9 @@ class IdentityTest(ClassApache):
         body += auth_location("/pad", 'CardScanUserID "%{REMOTE_USER}%{HTTP:X-Pad}"')
         body += ('<Location "/open">\n    Require all granted\n    SetHandler cardscan-session\n'
                  '</Location>\n')
+        # a misconfiguration: no authentication, and an id taken from a header
+        body += ('<Location "/open-expr">\n    Require all granted\n    SetHandler cardscan-session\n'
+                 '    CardScanUserID "%{HTTP:X-User}"\n</Location>\n')
         cls.a = cls.start_apache(body=body, global_conf=server_conf(
             "CardScanAPIKey " + TEST_KEY, "CardScanEndpoint " + cls.mock.http_url, "CardScanCache none"))
 
@@ -127,6 +130,13 @@ class IdentityTest(ClassApache):
 
     def test_unauthenticated_request_is_refused_without_a_call(self):
         self.assert_error(self.a.request("/open", user=None), 401, "unauthenticated")
+        self.assertEqual(self.mock.calls(), 0)
+
+    def test_no_authentication_fails_closed_whatever_the_user_id_expression(self):
+        # CardScanUserID names a header, and the location has no Apache
+        # authentication: still no token for anyone
+        self.assert_error(self.a.request("/open-expr", user=None, headers={"X-User": "bob"}),
+                          401, "unauthenticated")
         self.assertEqual(self.mock.calls(), 0)
 
     def test_overlong_user_id_is_refused_without_a_call(self):
