@@ -87,6 +87,7 @@ static struct {
     int seal_secret_set; /* CardScanCacheSecret */
     unsigned char seal_key[CS_SECRET_LEN];
     apr_time_t cache_warned; /* last cache-outage warning of this process */
+    apr_time_t entry_warned; /* last unreadable-entry warning */
     apr_time_t cache_pause_until;    /* per process: cache unreachable */
     apr_interval_time_t cache_pause; /* current back-off, 0 when healthy */
 } cs_g;
@@ -726,7 +727,16 @@ static int cache_get(request_rec *r, const cs_key_t *key, const char *id,
     }
     if (cs_entry_open(r->pool, seal_key(key, &tmp), id, buf, len, e, &err) !=
         APR_SUCCESS) {
-        ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r,
+        /* servers with different CardScanCacheSecret would keep replacing
+         * each other's entries: warn once a minute per process, not each
+         * time */
+        apr_time_t now = apr_time_now();
+        int level = now - cs_g.entry_warned >= CS_CACHE_WARN_INTERVAL
+                        ? APLOG_WARNING
+                        : APLOG_DEBUG;
+        if (level == APLOG_WARNING)
+            cs_g.entry_warned = now;
+        ap_log_rerror(APLOG_MARK, level, 0, r,
                       APLOGNO(10511) "mod_cardscan: ignoring a cache entry: "
                                      "%s",
                       err);
