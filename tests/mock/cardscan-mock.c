@@ -50,40 +50,74 @@
 #define MAX_LOGGED_USER_IDS 100000
 #define HANG_MS 30000
 #define SIGNATURE_BYTES 256
-#define OVERSIZED_SIGNATURE_BYTES (150 * 1024) /* 200 KiB once base64url-encoded */
+#define OVERSIZED_SIGNATURE_BYTES                                              \
+    (150 * 1024) /* 200 KiB once base64url-encoded */
 
 /* Logs to stderr with --verbose only; stdout stays quiet. */
-#define LOG(...)                                                                   \
-    do {                                                                           \
-        if (opt.verbose) {                                                         \
-            fputs("cardscan-mock: ", stderr);                                      \
-            fprintf(stderr, __VA_ARGS__);                                          \
-            fputc('\n', stderr);                                                   \
-        }                                                                          \
+#define LOG(...)                                                               \
+    do {                                                                       \
+        if (opt.verbose) {                                                     \
+            fputs("cardscan-mock: ", stderr);                                  \
+            fprintf(stderr, __VA_ARGS__);                                      \
+            fputc('\n', stderr);                                               \
+        }                                                                      \
     } while (0)
 
 /* What an API call gets: a configurable fault or, past FAULT_COUNT, one of
  * the real API's replies to a bad request. */
 enum fault {
-    FAULT_NONE, FAULT_401, FAULT_403, FAULT_429, FAULT_500, FAULT_502, FAULT_503,
-    FAULT_504, FAULT_HTML, FAULT_HTML500, FAULT_NOTJSON, FAULT_TRUNCATED,
-    FAULT_OVERSIZED, FAULT_NOTOKEN, FAULT_NOTJWT, FAULT_BADPAYLOAD, FAULT_EXPIRED,
-    FAULT_NOEXP, FAULT_NOIAT, FAULT_NONSTRING, FAULT_REDIRECT, FAULT_RESET,
-    FAULT_CLOSE, FAULT_HANG, FAULT_COUNT,
-    REPLY_BAD_KEY = FAULT_COUNT, REPLY_BAD_METHOD, REPLY_COUNT
+    FAULT_NONE,
+    FAULT_401,
+    FAULT_403,
+    FAULT_429,
+    FAULT_500,
+    FAULT_502,
+    FAULT_503,
+    FAULT_504,
+    FAULT_HTML,
+    FAULT_HTML500,
+    FAULT_NOTJSON,
+    FAULT_TRUNCATED,
+    FAULT_OVERSIZED,
+    FAULT_NOTOKEN,
+    FAULT_NOTJWT,
+    FAULT_BADPAYLOAD,
+    FAULT_EXPIRED,
+    FAULT_NOEXP,
+    FAULT_NOIAT,
+    FAULT_NONSTRING,
+    FAULT_REDIRECT,
+    FAULT_RESET,
+    FAULT_CLOSE,
+    FAULT_HANG,
+    FAULT_COUNT,
+    REPLY_BAD_KEY = FAULT_COUNT,
+    REPLY_BAD_METHOD,
+    REPLY_COUNT
 };
 
-#define HTML_PAGE "<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>" \
-                  "<body><h1>Something went wrong</h1><p>Please try again later.</p>"   \
-                  "</body></html>\n"
+#define HTML_PAGE                                                              \
+    "<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>"       \
+    "<body><h1>Something went wrong</h1><p>Please try again later.</p>"        \
+    "</body></html>\n"
 
 /* Per outcome: its name in /_mock/config, the HTTP status (0 = no reply at
- * all) and, where the reply is fixed, its body (HTML when it starts with '<'). */
-static const struct { const char *name; int status; const char *body; } fault_info[REPLY_COUNT] = {
+ * all) and, where the reply is fixed, its body (HTML when it starts with '<').
+ */
+static const struct {
+    const char *name;
+    int status;
+    const char *body;
+} fault_info[REPLY_COUNT] = {
     [FAULT_NONE] = {"none", 200, NULL},
-    [FAULT_401] = {"401", 401, "{\"message\": \"Unknown authorization error - please check your "
-                               "token format and try again\", \"type\": \"Unauthorized\", \"code\": 401}"},
-    [FAULT_403] = {"403", 403, "{\"message\": \"Forbidden\", \"type\": \"Forbidden\", \"code\": 403}"},
+    [FAULT_401] =
+        {"401", 401,
+         "{\"message\": \"Unknown authorization error - please check your "
+         "token format and try again\", \"type\": \"Unauthorized\", \"code\": "
+         "401}"},
+    [FAULT_403] = {"403", 403,
+                   "{\"message\": \"Forbidden\", \"type\": \"Forbidden\", "
+                   "\"code\": 403}"},
     [FAULT_429] = {"429", 429, "{\"message\": \"Too Many Requests\"}"},
     [FAULT_500] = {"500", 500, "{\"message\": \"Internal server error\"}"},
     [FAULT_502] = {"502", 502, "{\"message\": \"Bad Gateway\"}"},
@@ -105,26 +139,36 @@ static const struct { const char *name; int status; const char *body; } fault_in
     [FAULT_RESET] = {"reset", 0, NULL},
     [FAULT_CLOSE] = {"close", 0, NULL},
     [FAULT_HANG] = {"hang", 200, NULL},
-    [REPLY_BAD_KEY] = {"none", 401, "{\"message\": \"API Key is not registered\", "
-                                    "\"type\": \"Unauthorized\", \"code\": 401}"},
+    [REPLY_BAD_KEY] = {"none", 401,
+                       "{\"message\": \"API Key is not registered\", "
+                       "\"type\": \"Unauthorized\", \"code\": 401}"},
     [REPLY_BAD_METHOD] = {"none", 405, "{\"message\": \"Method Not Allowed\"}"},
 };
 
 static const char *const default_key_prefixes[] = {
-    "sk_test_cardscan_ai_", "sk_live_cardscan_ai_", "secret_test_", "secret_live_",
+    "sk_test_cardscan_ai_",
+    "sk_live_cardscan_ai_",
+    "secret_test_",
+    "secret_live_",
 };
 
 struct config {
     enum fault fault;
-    long fault_remaining; /* API calls the fault still applies to; -1 = until changed */
+    long fault_remaining; /* API calls the fault still applies to; -1 = until
+                             changed */
     long latency_ms, lifetime, clock_skew, session_id, retry_after;
 };
 
 /* The numeric settings of /_mock/config, with their accepted ranges. */
-static const struct { const char *name; size_t offset; long min, max; } numeric_settings[] = {
+static const struct {
+    const char *name;
+    size_t offset;
+    long min, max;
+} numeric_settings[] = {
     {"latency_ms", offsetof(struct config, latency_ms), 0, 3600000},
     {"lifetime", offsetof(struct config, lifetime), -1000000000, 1000000000},
-    {"clock_skew", offsetof(struct config, clock_skew), -1000000000, 1000000000},
+    {"clock_skew", offsetof(struct config, clock_skew), -1000000000,
+     1000000000},
     {"session_id", offsetof(struct config, session_id), 0, 1},
     {"retry_after", offsetof(struct config, retry_after), 0, 1000000000},
 };
@@ -132,11 +176,14 @@ static const struct { const char *name; size_t offset; long min, max; } numeric_
 /* Everything shared between threads, guarded by `lock`. */
 static struct {
     pthread_mutex_t lock;
-    pthread_cond_t wake; /* broadcast on shutdown and whenever a connection ends */
+    pthread_cond_t
+        wake; /* broadcast on shutdown and whenever a connection ends */
     bool stopping;
     struct config cfg;
-    unsigned long epoch; /* bumped by reset, so that open connections count afresh */
-    unsigned long calls, calls_ok, connections, tls_connections, next_jti, next_conn_id;
+    unsigned long
+        epoch; /* bumped by reset, so that open connections count afresh */
+    unsigned long calls, calls_ok, connections, tls_connections, next_jti,
+        next_conn_id;
     cJSON *user_ids, *requests;
     size_t n_user_ids, n_requests;
     int conn_fds[MAX_CONNS]; /* -1 = free; lets shutdown wake blocked readers */
@@ -164,8 +211,11 @@ struct conn {
 };
 
 struct request {
-    char *method, *path, *query; /* all point into conn->buf; query may be NULL */
-    struct { char *name, *value; } headers[MAX_HEADERS]; /* names lowercased */
+    char *method, *path,
+        *query; /* all point into conn->buf; query may be NULL */
+    struct {
+        char *name, *value;
+    } headers[MAX_HEADERS]; /* names lowercased */
     int n_headers;
     bool keep_alive;
 };
@@ -193,7 +243,8 @@ static bool parse_long(const char *s, long min, long max, long *out)
     return true;
 }
 
-/* Length of the valid UTF-8 sequence at p, or 0 if invalid (overlong, surrogate...). */
+/* Length of the valid UTF-8 sequence at p, or 0 if invalid (overlong,
+ * surrogate...). */
 static size_t utf8_seq_len(const unsigned char *p)
 {
     static const uint32_t min_cp[] = {0, 0, 0x80, 0x800, 0x10000};
@@ -201,16 +252,28 @@ static size_t utf8_seq_len(const unsigned char *p)
     uint32_t cp;
     if (p[0] < 0x80)
         return 1;
-    if ((p[0] & 0xE0) == 0xC0) { len = 2; cp = p[0] & 0x1F; }
-    else if ((p[0] & 0xF0) == 0xE0) { len = 3; cp = p[0] & 0x0F; }
-    else if ((p[0] & 0xF8) == 0xF0) { len = 4; cp = p[0] & 0x07; }
-    else return 0;
+    if ((p[0] & 0xE0) == 0xC0) {
+        len = 2;
+        cp = p[0] & 0x1F;
+    }
+    else if ((p[0] & 0xF0) == 0xE0) {
+        len = 3;
+        cp = p[0] & 0x0F;
+    }
+    else if ((p[0] & 0xF8) == 0xF0) {
+        len = 4;
+        cp = p[0] & 0x07;
+    }
+    else
+        return 0;
     for (size_t i = 1; i < len; i++) {
         if ((p[i] & 0xC0) != 0x80) /* also stops at the NUL terminator */
             return 0;
         cp = (cp << 6) | (p[i] & 0x3F);
     }
-    return cp < min_cp[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF) ? 0 : len;
+    return cp < min_cp[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)
+               ? 0
+               : len;
 }
 
 /* cJSON copies bytes verbatim; replacing invalid UTF-8 with U+FFFD keeps the
@@ -237,12 +300,15 @@ static char *url_decode(const char *s, size_t n)
     for (size_t i = 0; i < n; i++) {
         if (s[i] == '+') {
             *o++ = ' ';
-        } else if (s[i] == '%' && i + 2 < n && isxdigit((unsigned char)s[i + 1]) &&
-                   isxdigit((unsigned char)s[i + 2])) {
+        }
+        else if (s[i] == '%' && i + 2 < n &&
+                 isxdigit((unsigned char)s[i + 1]) &&
+                 isxdigit((unsigned char)s[i + 2])) {
             char hex[3] = {s[i + 1], s[i + 2], '\0'};
             *o++ = (char)strtol(hex, NULL, 16);
             i += 2;
-        } else {
+        }
+        else {
             *o++ = s[i];
         }
     }
@@ -283,12 +349,16 @@ static char *base64url(const unsigned char *data, size_t n)
     char *out = xmalloc((n + 2) / 3 * 4 + 1), *o = out;
     for (size_t i = 0; i < n; i += 3) {
         uint32_t v = (uint32_t)data[i] << 16;
-        if (i + 1 < n) v |= (uint32_t)data[i + 1] << 8;
-        if (i + 2 < n) v |= data[i + 2];
+        if (i + 1 < n)
+            v |= (uint32_t)data[i + 1] << 8;
+        if (i + 2 < n)
+            v |= data[i + 2];
         *o++ = alphabet[(v >> 18) & 63];
         *o++ = alphabet[(v >> 12) & 63];
-        if (i + 1 < n) *o++ = alphabet[(v >> 6) & 63]; /* no '=' padding, as JWTs want */
-        if (i + 2 < n) *o++ = alphabet[v & 63];
+        if (i + 1 < n)
+            *o++ = alphabet[(v >> 6) & 63]; /* no '=' padding, as JWTs want */
+        if (i + 2 < n)
+            *o++ = alphabet[v & 63];
     }
     *o = '\0';
     return out;
@@ -299,9 +369,11 @@ static void format_uuid(unsigned char b[16], int version, char out[37])
 {
     b[6] = (unsigned char)((b[6] & 0x0F) | (version << 4));
     b[8] = (unsigned char)((b[8] & 0x3F) | 0x80);
-    snprintf(out, 37, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
-             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11],
-             b[12], b[13], b[14], b[15]);
+    snprintf(
+        out, 37,
+        "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10],
+        b[11], b[12], b[13], b[14], b[15]);
 }
 
 /* Real IdentityIds are stable per user, so derive one from SHA-256(user_id);
@@ -315,14 +387,16 @@ static void make_ids(const char *user_id, char identity[48], char session[37])
         abort();
     format_uuid(random, 4, session);
     if (user_id)
-        EVP_Digest(user_id, strlen(user_id), bytes, &digest_len, EVP_sha256(), NULL);
+        EVP_Digest(user_id, strlen(user_id), bytes, &digest_len, EVP_sha256(),
+                   NULL);
     else if (RAND_bytes(bytes, 16) != 1)
         abort();
     format_uuid(bytes, user_id ? 5 : 4, uuid);
     snprintf(identity, 48, "us-east-1:%s", uuid);
 }
 
-/* g.wake runs on CLOCK_MONOTONIC, so wall-clock jumps do not cut waits short. */
+/* g.wake runs on CLOCK_MONOTONIC, so wall-clock jumps do not cut waits short.
+ */
 static struct timespec deadline_after(long ms)
 {
     struct timespec t;
@@ -338,12 +412,14 @@ static void sleep_unless_stopping(long ms)
 {
     struct timespec deadline = deadline_after(ms);
     pthread_mutex_lock(&g.lock);
-    while (!g.stopping && pthread_cond_timedwait(&g.wake, &g.lock, &deadline) != ETIMEDOUT)
+    while (!g.stopping &&
+           pthread_cond_timedwait(&g.wake, &g.lock, &deadline) != ETIMEDOUT)
         ;
     pthread_mutex_unlock(&g.lock);
 }
 
-/* ------------------------------------------------------------ connection I/O */
+/* ------------------------------------------------------------ connection I/O
+ */
 
 /* Returns bytes read, or 0 on EOF, error or idle timeout (all end the
  * connection). No EINTR handling: every thread blocks the signals we catch. */
@@ -361,8 +437,9 @@ static size_t conn_recv(struct conn *c, void *buf, size_t n)
 static bool conn_send_all(struct conn *c, const char *data, size_t n)
 {
     while (n > 0) {
-        ssize_t w = c->ssl ? SSL_write(c->ssl, data, n > INT_MAX ? INT_MAX : (int)n)
-                           : send(c->fd, data, n, MSG_NOSIGNAL);
+        ssize_t w =
+            c->ssl ? SSL_write(c->ssl, data, n > INT_MAX ? INT_MAX : (int)n)
+                   : send(c->fd, data, n, MSG_NOSIGNAL);
         if (w <= 0) {
             c->tls_broken = true;
             return false;
@@ -375,12 +452,24 @@ static bool conn_send_all(struct conn *c, const char *data, size_t n)
 
 static const char *reason_phrase(int status)
 {
-    static const struct { int status; const char *text; } reasons[] = {
-        {200, "OK"}, {302, "Found"}, {400, "Bad Request"}, {401, "Unauthorized"},
-        {403, "Forbidden"}, {404, "Not Found"}, {405, "Method Not Allowed"},
-        {413, "Payload Too Large"}, {429, "Too Many Requests"},
-        {431, "Request Header Fields Too Large"}, {500, "Internal Server Error"},
-        {501, "Not Implemented"}, {502, "Bad Gateway"}, {503, "Service Unavailable"},
+    static const struct {
+        int status;
+        const char *text;
+    } reasons[] = {
+        {200, "OK"},
+        {302, "Found"},
+        {400, "Bad Request"},
+        {401, "Unauthorized"},
+        {403, "Forbidden"},
+        {404, "Not Found"},
+        {405, "Method Not Allowed"},
+        {413, "Payload Too Large"},
+        {429, "Too Many Requests"},
+        {431, "Request Header Fields Too Large"},
+        {500, "Internal Server Error"},
+        {501, "Not Implemented"},
+        {502, "Bad Gateway"},
+        {503, "Service Unavailable"},
         {504, "Gateway Timeout"},
     };
     for (size_t i = 0; i < sizeof reasons / sizeof *reasons; i++)
@@ -391,7 +480,8 @@ static const char *reason_phrase(int status)
 
 /* Sends a response in one write (one TLS record, no Nagle stall). The
  * Content-Length is always body_len, but only send_len bytes of the body go
- * out (fewer for `truncated`). `extra` holds "Name: value\r\n" lines or NULL. */
+ * out (fewer for `truncated`). `extra` holds "Name: value\r\n" lines or NULL.
+ */
 static void send_response(struct conn *c, int status, const char *content_type,
                           const char *extra, const char *body, size_t body_len,
                           size_t send_len, bool keep_alive)
@@ -399,12 +489,14 @@ static void send_response(struct conn *c, int status, const char *content_type,
     char date[64], head[1024];
     time_t now = time(NULL);
     struct tm tm;
-    strftime(date, sizeof date, "%a, %d %b %Y %H:%M:%S GMT", gmtime_r(&now, &tm));
-    int head_len = snprintf(head, sizeof head,
-                            "HTTP/1.1 %d %s\r\nServer: cardscan-mock\r\nDate: %s\r\n"
-                            "Content-Type: %s\r\nContent-Length: %zu\r\nConnection: %s\r\n%s\r\n",
-                            status, reason_phrase(status), date, content_type, body_len,
-                            keep_alive ? "keep-alive" : "close", extra ? extra : "");
+    strftime(date, sizeof date, "%a, %d %b %Y %H:%M:%S GMT",
+             gmtime_r(&now, &tm));
+    int head_len = snprintf(
+        head, sizeof head,
+        "HTTP/1.1 %d %s\r\nServer: cardscan-mock\r\nDate: %s\r\n"
+        "Content-Type: %s\r\nContent-Length: %zu\r\nConnection: %s\r\n%s\r\n",
+        status, reason_phrase(status), date, content_type, body_len,
+        keep_alive ? "keep-alive" : "close", extra ? extra : "");
     if (head_len < 0 || (size_t)head_len >= sizeof head)
         return;
     char *out = xmalloc((size_t)head_len + send_len);
@@ -414,8 +506,8 @@ static void send_response(struct conn *c, int status, const char *content_type,
     free(out);
 }
 
-static void send_json(struct conn *c, int status, const char *extra, const char *body,
-                      bool keep_alive)
+static void send_json(struct conn *c, int status, const char *extra,
+                      const char *body, bool keep_alive)
 {
     size_t n = strlen(body);
     send_response(c, status, "application/json", extra, body, n, n, keep_alive);
@@ -442,7 +534,8 @@ static int read_request(struct conn *c, struct request *req, size_t *consumed)
     char *line = c->buf, *eol = strstr(line, "\r\n"), *version;
     *eol = '\0';
     req->method = line;
-    if (!(req->path = strchr(line, ' ')) || !(version = strchr(req->path + 1, ' ')))
+    if (!(req->path = strchr(line, ' ')) ||
+        !(version = strchr(req->path + 1, ' ')))
         return -400;
     *req->path++ = '\0';
     *version++ = '\0';
@@ -461,7 +554,8 @@ static int read_request(struct conn *c, struct request *req, size_t *consumed)
             return -431;
         *colon = '\0';
         value = colon + 1 + strspn(colon + 1, " \t");
-        for (tail = value + strlen(value); tail > value && (tail[-1] == ' ' || tail[-1] == '\t');)
+        for (tail = value + strlen(value);
+             tail > value && (tail[-1] == ' ' || tail[-1] == '\t');)
             *--tail = '\0';
         for (char *p = line; *p; p++)
             *p = (char)tolower((unsigned char)*p);
@@ -476,7 +570,8 @@ static int read_request(struct conn *c, struct request *req, size_t *consumed)
         req->keep_alive = !(connection && strcasestr(connection, "close"));
 
     if (find_header(req, "transfer-encoding"))
-        return -501; /* this API's clients send no bodies: chunked is not worth parsing */
+        return -501; /* this API's clients send no bodies: chunked is not worth
+                        parsing */
     const char *cl = find_header(req, "content-length");
     long body_len = 0;
     if (cl && !parse_long(cl, 0, MAX_BODY_BYTES, &body_len))
@@ -484,11 +579,15 @@ static int read_request(struct conn *c, struct request *req, size_t *consumed)
 
     /* Discard the body; bytes after it (a pipelined request) stay buffered. */
     size_t buffered = c->len - head_len;
-    *consumed = head_len + ((size_t)body_len < buffered ? (size_t)body_len : buffered);
-    for (size_t remaining = (size_t)body_len > buffered ? (size_t)body_len - buffered : 0;
+    *consumed =
+        head_len + ((size_t)body_len < buffered ? (size_t)body_len : buffered);
+    for (size_t remaining =
+             (size_t)body_len > buffered ? (size_t)body_len - buffered : 0;
          remaining > 0;) {
         char scratch[8192];
-        size_t n = conn_recv(c, scratch, remaining < sizeof scratch ? remaining : sizeof scratch);
+        size_t n =
+            conn_recv(c, scratch,
+                      remaining < sizeof scratch ? remaining : sizeof scratch);
         if (n == 0)
             return 0;
         remaining -= n;
@@ -505,23 +604,29 @@ enum { JWT_NO_IAT = 1, JWT_NO_EXP = 2, JWT_BAD_PAYLOAD = 4 };
 static char *make_jwt(const char *sub, long iat, long exp, unsigned flags,
                       unsigned long jti, size_t sig_len)
 {
-    static const char header[] = "{\"alg\":\"RS256\",\"kid\":\"mock-1\",\"typ\":\"JWT\"}";
+    static const char header[] =
+        "{\"alg\":\"RS256\",\"kid\":\"mock-1\",\"typ\":\"JWT\"}";
     char *payload, jti_text[32];
     if (flags & JWT_BAD_PAYLOAD) {
-        payload = strdup("this is not json {"); /* valid base64url, but not JSON */
-    } else {
+        payload =
+            strdup("this is not json {"); /* valid base64url, but not JSON */
+    }
+    else {
         cJSON *p = cJSON_CreateObject();
         cJSON_AddItemToObject(p, "sub", clean_string(sub ? sub : "anonymous"));
-        cJSON_AddStringToObject(p, "iss", "https://cognito-identity.amazonaws.com");
+        cJSON_AddStringToObject(p, "iss",
+                                "https://cognito-identity.amazonaws.com");
         cJSON_AddStringToObject(p, "aud", "mock-cardscan");
-        cJSON_AddItemToArray(cJSON_AddArrayToObject(p, "amr"), cJSON_CreateString("authenticated"));
+        cJSON_AddItemToArray(cJSON_AddArrayToObject(p, "amr"),
+                             cJSON_CreateString("authenticated"));
         if (!(flags & JWT_NO_IAT))
             cJSON_AddNumberToObject(p, "iat", (double)iat);
         if (!(flags & JWT_NO_EXP))
             cJSON_AddNumberToObject(p, "exp", (double)exp);
         snprintf(jti_text, sizeof jti_text, "%lu", jti);
         cJSON_AddStringToObject(p, "jti", jti_text);
-        payload = cJSON_PrintUnformatted(p); /* cJSON's default hooks use malloc */
+        payload =
+            cJSON_PrintUnformatted(p); /* cJSON's default hooks use malloc */
         cJSON_Delete(p);
     }
     unsigned char *sig = xmalloc(sig_len);
@@ -549,7 +654,9 @@ static bool authorized(const struct request *req)
     for (int i = 0; i < opt.n_api_keys; i++)
         if (strcmp(key, opt.api_keys[i]) == 0)
             return true;
-    for (size_t i = 0; opt.n_api_keys == 0 && i < sizeof default_key_prefixes / sizeof(char *); i++) {
+    for (size_t i = 0; opt.n_api_keys == 0 &&
+                       i < sizeof default_key_prefixes / sizeof(char *);
+         i++) {
         size_t n = strlen(default_key_prefixes[i]);
         if (strncmp(key, default_key_prefixes[i], n) == 0 && key[n] != '\0')
             return true;
@@ -567,7 +674,8 @@ static cJSON *headers_object(const struct request *req)
             cJSON_AddItemToObject(obj, name, clean_string(value));
             continue;
         }
-        /* A repeated header is joined, as a proxy would, so that none is hidden. */
+        /* A repeated header is joined, as a proxy would, so that none is
+         * hidden. */
         char *joined;
         if (asprintf(&joined, "%s, %s", prev->valuestring, value) < 0)
             abort();
@@ -588,24 +696,30 @@ static void log_append(cJSON *array, size_t *count, size_t cap, cJSON *item)
 }
 
 /* The 200 reply with a token, bent the way `fault` asks. */
-static enum action send_token(struct conn *c, enum fault fault, const struct config *cfg,
-                              const char *user_id, unsigned long jti, bool alive)
+static enum action send_token(struct conn *c, enum fault fault,
+                              const struct config *cfg, const char *user_id,
+                              unsigned long jti, bool alive)
 {
-    long now = (long)time(NULL), iat = now + cfg->clock_skew, exp = iat + cfg->lifetime;
-    unsigned flags = fault == FAULT_NOEXP ? JWT_NO_EXP : fault == FAULT_NOIAT ? JWT_NO_IAT
-                   : fault == FAULT_BADPAYLOAD ? JWT_BAD_PAYLOAD : 0;
+    long now = (long)time(NULL), iat = now + cfg->clock_skew,
+         exp = iat + cfg->lifetime;
+    unsigned flags = fault == FAULT_NOEXP        ? JWT_NO_EXP
+                     : fault == FAULT_NOIAT      ? JWT_NO_IAT
+                     : fault == FAULT_BADPAYLOAD ? JWT_BAD_PAYLOAD
+                                                 : 0;
     if (fault == FAULT_EXPIRED) {
         iat = now - 1000;
         exp = now - 100;
     }
     char *jwt = make_jwt(user_id, iat, exp, flags, jti,
-                         fault == FAULT_OVERSIZED ? OVERSIZED_SIGNATURE_BYTES : SIGNATURE_BYTES);
+                         fault == FAULT_OVERSIZED ? OVERSIZED_SIGNATURE_BYTES
+                                                  : SIGNATURE_BYTES);
     char identity[48], session[37];
     make_ids(user_id, identity, session);
 
     cJSON *body = cJSON_CreateObject();
     if (fault != FAULT_NOTOKEN)
-        cJSON_AddStringToObject(body, "Token", fault == FAULT_NOTJWT ? "not-a-jwt" : jwt);
+        cJSON_AddStringToObject(body, "Token",
+                                fault == FAULT_NOTJWT ? "not-a-jwt" : jwt);
     if (fault == FAULT_NONSTRING)
         cJSON_AddNumberToObject(body, "IdentityId", 123456789);
     else
@@ -616,8 +730,8 @@ static enum action send_token(struct conn *c, enum fault fault, const struct con
     size_t len = strlen(text);
     /* `truncated` promises the whole body, sends half of it, then hangs up. */
     bool truncate = fault == FAULT_TRUNCATED;
-    send_response(c, 200, "application/json", NULL, text, len, truncate ? len / 2 : len,
-                  alive && !truncate);
+    send_response(c, 200, "application/json", NULL, text, len,
+                  truncate ? len / 2 : len, alive && !truncate);
     free(text);
     cJSON_Delete(body);
     free(jwt);
@@ -627,7 +741,8 @@ static enum action send_token(struct conn *c, enum fault fault, const struct con
 static enum action handle_api(struct conn *c, const struct request *req)
 {
     cJSON *user_ids = cJSON_CreateArray();
-    const char *user_id = NULL; /* the first user_id names the token's subject */
+    const char *user_id =
+        NULL; /* the first user_id names the token's subject */
     char *key, *value;
     for (const char *cursor = req->query; next_param(&cursor, &key, &value);) {
         if (strcmp(key, "user_id") == 0) {
@@ -647,14 +762,18 @@ static enum action handle_api(struct conn *c, const struct request *req)
     pthread_mutex_lock(&g.lock);
     const struct config cfg = g.cfg;
     enum fault fault = is_get ? g.cfg.fault : FAULT_NONE;
-    if (fault != FAULT_NONE && g.cfg.fault_remaining > 0 && --g.cfg.fault_remaining == 0)
+    if (fault != FAULT_NONE && g.cfg.fault_remaining > 0 &&
+        --g.cfg.fault_remaining == 0)
         g.cfg.fault = FAULT_NONE;
-    enum fault outcome = !is_get ? REPLY_BAD_METHOD : fault != FAULT_NONE ? fault
-                         : auth_ok ? FAULT_NONE : REPLY_BAD_KEY;
+    enum fault outcome = !is_get               ? REPLY_BAD_METHOD
+                         : fault != FAULT_NONE ? fault
+                         : auth_ok             ? FAULT_NONE
+                                               : REPLY_BAD_KEY;
     int status = fault_info[outcome].status;
     g.calls++;
     g.calls_ok += outcome == FAULT_NONE || outcome == FAULT_HANG;
-    if (c->counted_epoch != g.epoch) { /* a connection counts once it serves an API call */
+    if (c->counted_epoch !=
+        g.epoch) { /* a connection counts once it serves an API call */
         c->counted_epoch = g.epoch;
         *(tls ? &g.tls_connections : &g.connections) += 1;
     }
@@ -664,7 +783,8 @@ static enum action handle_api(struct conn *c, const struct request *req)
                    cJSON_CreateString(u->valuestring));
     cJSON *entry = cJSON_CreateObject();
     cJSON_AddItemToObject(entry, "user_ids", cJSON_Duplicate(user_ids, true));
-    cJSON_AddItemToObject(entry, "raw_query", clean_string(req->query ? req->query : ""));
+    cJSON_AddItemToObject(entry, "raw_query",
+                          clean_string(req->query ? req->query : ""));
     cJSON_AddBoolToObject(entry, "auth_ok", auth_ok);
     cJSON_AddBoolToObject(entry, "tls", tls);
     cJSON_AddNumberToObject(entry, "status", status);
@@ -676,8 +796,9 @@ static enum action handle_api(struct conn *c, const struct request *req)
     log_append(g.requests, &g.n_requests, MAX_LOGGED_REQUESTS, entry);
     pthread_mutex_unlock(&g.lock);
 
-    LOG("%s %s %s?%s conn=%lu fault=%s -> %d", tls ? "https" : "http", req->method, req->path,
-        req->query ? req->query : "", c->id, fault_info[fault].name, status);
+    LOG("%s %s %s?%s conn=%lu fault=%s -> %d", tls ? "https" : "http",
+        req->method, req->path, req->query ? req->query : "", c->id,
+        fault_info[fault].name, status);
     if (cfg.latency_ms > 0)
         sleep_unless_stopping(cfg.latency_ms);
     if (fault == FAULT_HANG)
@@ -690,15 +811,19 @@ static enum action handle_api(struct conn *c, const struct request *req)
         snprintf(extra, sizeof extra, "Retry-After: %ld\r\n", cfg.retry_after);
     if (outcome == FAULT_REDIRECT)
         snprintf(extra, sizeof extra,
-                 "Location: %s://127.0.0.1:%d/v1/access-token?user_id=redirected\r\n",
+                 "Location: "
+                 "%s://127.0.0.1:%d/v1/access-token?user_id=redirected\r\n",
                  tls ? "https" : "http", c->local_port);
     if (outcome == FAULT_RESET)
         act = ACT_RESET;
     else if (outcome == FAULT_CLOSE)
         act = ACT_CLOSE;
     else if (fixed_body)
-        send_response(c, status, fixed_body[0] == '<' ? "text/html; charset=utf-8" : "application/json",
-                      extra, fixed_body, strlen(fixed_body), strlen(fixed_body), act == ACT_KEEP);
+        send_response(c, status,
+                      fixed_body[0] == '<' ? "text/html; charset=utf-8"
+                                           : "application/json",
+                      extra, fixed_body, strlen(fixed_body), strlen(fixed_body),
+                      act == ACT_KEEP);
     else
         act = send_token(c, fault, &cfg, user_id, jti, act == ACT_KEEP);
     cJSON_Delete(user_ids);
@@ -734,8 +859,11 @@ static void reset_state_locked(void)
     g.n_user_ids = g.n_requests = 0;
     g.calls = g.calls_ok = g.connections = g.tls_connections = 0;
     g.epoch++;
-    g.cfg = (struct config){.fault = FAULT_NONE, .fault_remaining = -1, .lifetime = opt.lifetime,
-                            .session_id = 1, .retry_after = 7};
+    g.cfg = (struct config){.fault = FAULT_NONE,
+                            .fault_remaining = -1,
+                            .lifetime = opt.lifetime,
+                            .session_id = 1,
+                            .retry_after = 7};
 }
 
 /* Applies every k=v of /_mock/config, or none of them if one is invalid. */
@@ -746,7 +874,8 @@ static void handle_config(struct conn *c, const struct request *req, bool alive)
     struct config next = g.cfg;
     bool fault_set = false;
     long count = -1;
-    for (const char *cursor = req->query; !error[0] && next_param(&cursor, &k, &v);) {
+    for (const char *cursor = req->query;
+         !error[0] && next_param(&cursor, &k, &v);) {
         bool known = true, valid = true;
         if (strcmp(k, "fault") == 0) {
             int f = 0;
@@ -755,22 +884,27 @@ static void handle_config(struct conn *c, const struct request *req, bool alive)
             valid = f < FAULT_COUNT;
             next.fault = (enum fault)f;
             fault_set = true;
-        } else if (strcmp(k, "fault_count") == 0) {
+        }
+        else if (strcmp(k, "fault_count") == 0) {
             valid = parse_long(v, 0, LONG_MAX, &count);
-        } else {
+        }
+        else {
             known = false;
-            for (size_t i = 0; i < sizeof numeric_settings / sizeof *numeric_settings; i++) {
+            for (size_t i = 0;
+                 i < sizeof numeric_settings / sizeof *numeric_settings; i++) {
                 if (strcmp(k, numeric_settings[i].name) == 0) {
                     known = true;
-                    valid = parse_long(v, numeric_settings[i].min, numeric_settings[i].max,
-                                       (long *)((char *)&next + numeric_settings[i].offset));
+                    valid = parse_long(
+                        v, numeric_settings[i].min, numeric_settings[i].max,
+                        (long *)((char *)&next + numeric_settings[i].offset));
                 }
             }
         }
         if (!known)
             snprintf(error, sizeof error, "unknown setting '%.100s'", k);
         else if (!valid)
-            snprintf(error, sizeof error, "invalid value for %.50s: '%.100s'", k, v);
+            snprintf(error, sizeof error, "invalid value for %.50s: '%.100s'",
+                     k, v);
         free(k);
         free(v);
     }
@@ -822,7 +956,8 @@ static void *connection_thread(void *arg)
         int r = read_request(c, &req, &consumed);
         if (r < 0) {
             char body[64];
-            snprintf(body, sizeof body, "{\"message\": \"%s\"}", reason_phrase(-r));
+            snprintf(body, sizeof body, "{\"message\": \"%s\"}",
+                     reason_phrase(-r));
             send_json(c, -r, NULL, body, false);
         }
         if (r <= 0)
@@ -831,17 +966,23 @@ static void *connection_thread(void *arg)
         size_t path_len = strlen(req.path);
         if (strcmp(req.path, "/_mock/stats") == 0) {
             handle_stats(c, req.keep_alive);
-        } else if (strcmp(req.path, "/_mock/config") == 0) {
+        }
+        else if (strcmp(req.path, "/_mock/config") == 0) {
             handle_config(c, &req, req.keep_alive);
-        } else if (strcmp(req.path, "/_mock/reset") == 0) {
+        }
+        else if (strcmp(req.path, "/_mock/reset") == 0) {
             pthread_mutex_lock(&g.lock);
             reset_state_locked();
             pthread_mutex_unlock(&g.lock);
             send_json(c, 200, NULL, "{\"ok\": true}", req.keep_alive);
-        } else if (path_len >= 13 && strcmp(req.path + path_len - 13, "/access-token") == 0) {
+        }
+        else if (path_len >= 13 &&
+                 strcmp(req.path + path_len - 13, "/access-token") == 0) {
             act = handle_api(c, &req);
-        } else {
-            send_json(c, 404, NULL, "{\"message\": \"Not Found\"}", req.keep_alive);
+        }
+        else {
+            send_json(c, 404, NULL, "{\"message\": \"Not Found\"}",
+                      req.keep_alive);
         }
         if (act != ACT_KEEP)
             break;
@@ -852,7 +993,8 @@ static void *connection_thread(void *arg)
         /* SO_LINGER 0 makes close() send an RST instead of a FIN. */
         struct linger lg = {.l_onoff = 1, .l_linger = 0};
         setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
-    } else if (c->ssl && !c->tls_broken) {
+    }
+    else if (c->ssl && !c->tls_broken) {
         SSL_shutdown(c->ssl); /* close_notify: the client sees a clean EOF */
     }
     release_conn(c);
@@ -879,13 +1021,15 @@ static void accept_connection(int listen_fd, bool tls, int local_port)
     pthread_mutex_unlock(&g.lock);
 
     struct conn *c = xmalloc(sizeof *c);
-    *c = (struct conn){.fd = fd, .slot = slot, .local_port = local_port, .id = id};
+    *c = (struct conn){
+        .fd = fd, .slot = slot, .local_port = local_port, .id = id};
     int one = 1;
     struct timeval timeout = {.tv_sec = IDLE_TIMEOUT_SECS};
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
-    if (tls && (!(c->ssl = SSL_new(opt.ssl_ctx)) || SSL_set_fd(c->ssl, fd) != 1)) {
+    if (tls &&
+        (!(c->ssl = SSL_new(opt.ssl_ctx)) || SSL_set_fd(c->ssl, fd) != 1)) {
         release_conn(c);
         return;
     }
@@ -903,17 +1047,20 @@ static void accept_connection(int listen_fd, bool tls, int local_port)
 
 static int listen_loopback(long port, int *bound_port)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0), one = 1;
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0),
+        one = 1;
+    struct sockaddr_in addr = {.sin_family = AF_INET,
+                               .sin_port = htons((uint16_t)port),
                                .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     socklen_t len = sizeof addr;
     if (fd < 0)
         return -1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(fd, 1024) < 0 ||
+    if (bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0 ||
+        listen(fd, 1024) < 0 ||
         getsockname(fd, (struct sockaddr *)&addr, &len) < 0) {
-        fprintf(stderr, "cardscan-mock: cannot listen on 127.0.0.1:%ld: %s\n", port,
-                strerror(errno));
+        fprintf(stderr, "cardscan-mock: cannot listen on 127.0.0.1:%ld: %s\n",
+                port, strerror(errno));
         close(fd);
         return -1;
     }
@@ -926,7 +1073,8 @@ static bool write_file_atomically(const char *path, const char *content)
 {
     char tmp[PATH_MAX];
     FILE *f;
-    bool ok = snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid()) < (int)sizeof tmp &&
+    bool ok = snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid()) <
+                  (int)sizeof tmp &&
               (f = fopen(tmp, "w")) != NULL;
     if (ok) {
         ok = fputs(content, f) >= 0;
@@ -955,31 +1103,41 @@ static SSL_CTX *create_tls_context(void)
 
 static void usage(FILE *out)
 {
-    fputs("Usage: cardscan-mock --port-file FILE [--http-port N]\n"
-          "           [--https-port N --cert PEM --key PEM] [--api-key KEY ...]\n"
-          "           [--lifetime SECS] [--pid-file FILE] [--verbose]\n"
-          "Mock of CardScan.ai's GET /v1/access-token API, on 127.0.0.1 only.\n"
-          "  --port-file FILE  written (atomically) once listening: http=PORT, https=PORT\n"
-          "  --http-port N     HTTP port (default 0: kernel-assigned)\n"
-          "  --https-port N    also serve TLS on port N (0: kernel-assigned)\n"
-          "  --cert/--key PEM  TLS certificate chain and private key\n"
-          "  --api-key KEY     accepted key (repeatable); default: any key starting with\n"
-          "                    sk_test_cardscan_ai_, sk_live_cardscan_ai_, secret_test_, secret_live_\n"
-          "  --lifetime SECS   token lifetime, exp - iat (default 900)\n"
-          "  --pid-file FILE   write the process id there\n"
-          "  --verbose         log each API call to stderr\n"
-          "Control: GET /_mock/stats, /_mock/config?k=v&..., /_mock/reset (see README.md)\n",
-          out);
+    fputs(
+        "Usage: cardscan-mock --port-file FILE [--http-port N]\n"
+        "           [--https-port N --cert PEM --key PEM] [--api-key KEY ...]\n"
+        "           [--lifetime SECS] [--pid-file FILE] [--verbose]\n"
+        "Mock of CardScan.ai's GET /v1/access-token API, on 127.0.0.1 only.\n"
+        "  --port-file FILE  written (atomically) once listening: http=PORT, "
+        "https=PORT\n"
+        "  --http-port N     HTTP port (default 0: kernel-assigned)\n"
+        "  --https-port N    also serve TLS on port N (0: kernel-assigned)\n"
+        "  --cert/--key PEM  TLS certificate chain and private key\n"
+        "  --api-key KEY     accepted key (repeatable); default: any key "
+        "starting with\n"
+        "                    sk_test_cardscan_ai_, sk_live_cardscan_ai_, "
+        "secret_test_, secret_live_\n"
+        "  --lifetime SECS   token lifetime, exp - iat (default 900)\n"
+        "  --pid-file FILE   write the process id there\n"
+        "  --verbose         log each API call to stderr\n"
+        "Control: GET /_mock/stats, /_mock/config?k=v&..., /_mock/reset (see "
+        "README.md)\n",
+        out);
 }
 
 static void parse_args(int argc, char **argv)
 {
     static const struct option options[] = {
-        {"port-file", required_argument, 0, 'f'}, {"http-port", required_argument, 0, 'p'},
-        {"https-port", required_argument, 0, 's'}, {"cert", required_argument, 0, 'c'},
-        {"key", required_argument, 0, 'k'},       {"api-key", required_argument, 0, 'a'},
-        {"lifetime", required_argument, 0, 'l'},  {"pid-file", required_argument, 0, 'P'},
-        {"verbose", no_argument, 0, 'v'},         {"help", no_argument, 0, 'h'},
+        {"port-file", required_argument, 0, 'f'},
+        {"http-port", required_argument, 0, 'p'},
+        {"https-port", required_argument, 0, 's'},
+        {"cert", required_argument, 0, 'c'},
+        {"key", required_argument, 0, 'k'},
+        {"api-key", required_argument, 0, 'a'},
+        {"lifetime", required_argument, 0, 'l'},
+        {"pid-file", required_argument, 0, 'P'},
+        {"verbose", no_argument, 0, 'v'},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     static const char *api_keys[256];
@@ -987,26 +1145,49 @@ static void parse_args(int argc, char **argv)
     bool ok = true;
     for (int ch; (ch = getopt_long(argc, argv, "", options, NULL)) != -1;) {
         switch (ch) {
-        case 'f': opt.port_file = optarg; break;
-        case 'p': ok = ok && parse_long(optarg, 0, 65535, &opt.http_port); break;
-        case 's': ok = ok && parse_long(optarg, 0, 65535, &opt.https_port); break;
-        case 'c': opt.cert = optarg; break;
-        case 'k': opt.key = optarg; break;
+        case 'f':
+            opt.port_file = optarg;
+            break;
+        case 'p':
+            ok = ok && parse_long(optarg, 0, 65535, &opt.http_port);
+            break;
+        case 's':
+            ok = ok && parse_long(optarg, 0, 65535, &opt.https_port);
+            break;
+        case 'c':
+            opt.cert = optarg;
+            break;
+        case 'k':
+            opt.key = optarg;
+            break;
         case 'a':
             ok = ok && opt.n_api_keys < 256;
             if (ok)
                 api_keys[opt.n_api_keys++] = optarg;
             break;
-        case 'l': ok = ok && parse_long(optarg, -1000000000, 1000000000, &opt.lifetime); break;
-        case 'P': opt.pid_file = optarg; break;
-        case 'v': opt.verbose = true; break;
-        case 'h': usage(stdout); exit(0);
-        default: ok = false; break;
+        case 'l':
+            ok = ok &&
+                 parse_long(optarg, -1000000000, 1000000000, &opt.lifetime);
+            break;
+        case 'P':
+            opt.pid_file = optarg;
+            break;
+        case 'v':
+            opt.verbose = true;
+            break;
+        case 'h':
+            usage(stdout);
+            exit(0);
+        default:
+            ok = false;
+            break;
         }
     }
-    if (!ok || optind < argc || !opt.port_file || (opt.https_port >= 0 && (!opt.cert || !opt.key))) {
+    if (!ok || optind < argc || !opt.port_file ||
+        (opt.https_port >= 0 && (!opt.cert || !opt.key))) {
         fputs("cardscan-mock: invalid arguments (--port-file is required; "
-              "--https-port needs --cert and --key)\n", stderr);
+              "--https-port needs --cert and --key)\n",
+              stderr);
         usage(stderr);
         exit(2);
     }
@@ -1022,7 +1203,8 @@ int main(int argc, char **argv)
     sigaddset(&term_signals, SIGTERM);
     sigaddset(&term_signals, SIGINT);
     pthread_sigmask(SIG_BLOCK, &term_signals, NULL);
-    signal(SIGPIPE, SIG_IGN); /* a client hanging up mid-reply must not kill us */
+    signal(SIGPIPE,
+           SIG_IGN); /* a client hanging up mid-reply must not kill us */
     pthread_condattr_t cond_attr;
     pthread_condattr_init(&cond_attr);
     pthread_condattr_setclock(&cond_attr, CLOCK_MONOTONIC);
@@ -1038,21 +1220,26 @@ int main(int argc, char **argv)
     char text[64];
     if (signal_fd < 0 || http_fd < 0)
         goto cleanup;
-    if (opt.https_port >= 0 && (!(opt.ssl_ctx = create_tls_context()) ||
-                                (https_fd = listen_loopback(opt.https_port, &https_port)) < 0))
+    if (opt.https_port >= 0 &&
+        (!(opt.ssl_ctx = create_tls_context()) ||
+         (https_fd = listen_loopback(opt.https_port, &https_port)) < 0))
         goto cleanup;
     snprintf(text, sizeof text, "%ld\n", (long)getpid());
     if (opt.pid_file && !write_file_atomically(opt.pid_file, text))
         goto cleanup;
-    snprintf(text, sizeof text, https_fd >= 0 ? "http=%d\nhttps=%d\n" : "http=%d\n", http_port,
+    snprintf(text, sizeof text,
+             https_fd >= 0 ? "http=%d\nhttps=%d\n" : "http=%d\n", http_port,
              https_port);
-    if (!write_file_atomically(opt.port_file, text)) /* the readiness signal: write it last */
+    if (!write_file_atomically(opt.port_file,
+                               text)) /* the readiness signal: write it last */
         goto cleanup;
-    LOG("listening: http=%d https=%d", http_port, https_fd >= 0 ? https_port : -1);
+    LOG("listening: http=%d https=%d", http_port,
+        https_fd >= 0 ? https_port : -1);
 
-    struct pollfd fds[3] = {{.fd = signal_fd, .events = POLLIN},
-                            {.fd = http_fd, .events = POLLIN},
-                            {.fd = https_fd, .events = POLLIN}}; /* fd -1 is ignored */
+    struct pollfd fds[3] = {
+        {.fd = signal_fd, .events = POLLIN},
+        {.fd = http_fd, .events = POLLIN},
+        {.fd = https_fd, .events = POLLIN}}; /* fd -1 is ignored */
     while (poll(fds, 3, -1) >= 0 && !fds[0].revents) {
         if (fds[1].revents & POLLIN)
             accept_connection(http_fd, false, http_port);
@@ -1076,7 +1263,8 @@ cleanup:
             shutdown(g.conn_fds[i], SHUT_RDWR);
     pthread_cond_broadcast(&g.wake);
     struct timespec deadline = deadline_after(5000);
-    while (g.active > 0 && pthread_cond_timedwait(&g.wake, &g.lock, &deadline) != ETIMEDOUT)
+    while (g.active > 0 &&
+           pthread_cond_timedwait(&g.wake, &g.lock, &deadline) != ETIMEDOUT)
         ;
     bool idle = g.active == 0;
     if (idle) {
