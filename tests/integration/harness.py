@@ -87,6 +87,15 @@ def httpd_env(extra=None):
     return env
 
 
+def port_open(port, host="127.0.0.1"):
+    """Whether something accepts connections on host:port."""
+    try:
+        socket.create_connection((host, port), 0.2).close()
+        return True
+    except OSError:
+        return False
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,19 +10,11 @@ import threading
 import time
 import unittest
 
-from harness import (MockTestCase, OTHER_KEY, TEST_KEY, apache_conf, free_port, jwt_payload, stop_pid,
-                     wait_for)
+from harness import (MockTestCase, OTHER_KEY, TEST_KEY, apache_conf, free_port, jwt_payload, port_open,
+                     stop_pid, wait_for)
 
 REDIS = shutil.which("redis-server")
 MEMCACHED = shutil.which("memcached")
-
-
-def _port_open(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 class Redis:
@@ -35,7 +27,7 @@ class Redis:
         self.proc = subprocess.Popen([REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no", "--dir", self.dir],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: _port_open(self.port), 10, "redis-server")
+        wait_for(lambda: port_open(self.port), 10, "redis-server")
 
     def stop(self):
         stop_pid(self.proc)
@@ -111,7 +103,7 @@ class Memcached:
         if os.geteuid() == 0:
             cmd += ["-u", "nobody"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: _port_open(self.port), 10, "memcached")
+        wait_for(lambda: port_open(self.port), 10, "memcached")
 
     def close(self):
         stop_pid(self.proc)

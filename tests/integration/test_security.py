@@ -19,7 +19,7 @@ import urllib.parse
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import (OTHER_KEY, TEST_KEY, Apache, Mock, auth_location, free_port,  # noqa: E402
-                     jwt_payload, session_dir, stop_pid)
+                     jwt_payload, port_open, session_dir, stop_pid)
 
 JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 # Apache's error log writes bytes outside printable ASCII as \xNN.
@@ -363,7 +363,7 @@ class TransportTest(ClassApache):
         s11 = _s_server("-tls1_1", p11)
         s12 = _s_server("-tls1_2", p12)
         try:
-            harness.wait_for(lambda: _port_open(p11) and _port_open(p12), 10, "openssl s_server")
+            harness.wait_for(lambda: port_open(p11) and port_open(p12), 10, "openssl s_server")
             if not _tls_probe(p11, "-tls1_1"):
                 self.skipTest("openssl s_server cannot serve TLS 1.1 on this machine")
             port_a, port_b = free_port(), free_port()
@@ -395,15 +395,6 @@ class TransportTest(ClassApache):
         self.assertEqual(jwt_payload(doc["Token"])["sub"], "alice")
         self.assertEqual(self.mock.calls(), 1)
         self.assertEqual(self.mock.stats()["requests"][0]["tls"], False)
-
-
-def _port_open(port):
-    import socket
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":
