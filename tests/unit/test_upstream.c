@@ -37,7 +37,6 @@ static void mock_start(void)
     const char *mock = getenv("CS_MOCK");
     char portfile[128];
     FILE *f;
-    const char *err;
 
     ck_assert_msg(mock != NULL, "CS_MOCK is not set (make check sets it)");
     strcpy(dir, "/tmp/cs-unit-XXXXXX");
@@ -56,14 +55,10 @@ static void mock_start(void)
     ck_assert_int_eq(fscanf(f, "http=%d", &http_port), 1);
     fclose(f);
     unlink(portfile);
-    apr_pool_create(&client_pool, NULL);
-    ck_assert_int_eq(cs_upstream_create(client_pool, &client, &err),
-                     APR_SUCCESS);
 }
 
 static void mock_stop(void)
 {
-    apr_pool_destroy(client_pool);
     if (mock_pid > 0) {
         kill(mock_pid, SIGTERM);
         waitpid(mock_pid, NULL, 0);
@@ -108,10 +103,23 @@ static long stat_of(const char *name)
     return strtol(at + strlen(key), NULL, 10);
 }
 
+/* A client per test, made and freed in the process that runs the test
+ * (check forks one per test): nothing of it outlives the test. */
 static void setup(void)
 {
+    const char *err;
     pool_setup();
     control(tp, "/_mock/reset");
+    apr_pool_create(&client_pool, NULL);
+    ck_assert_int_eq(cs_upstream_create(client_pool, &client, &err),
+                     APR_SUCCESS);
+}
+
+static void teardown(void)
+{
+    apr_pool_destroy(client_pool);
+    client = NULL;
+    pool_teardown();
 }
 
 static cs_upstream_req_t request(const char *endpoint, const char *user,
@@ -316,7 +324,7 @@ Suite *upstream_suite(void)
 
     /* one mock for the whole case; each test resets it */
     tcase_add_unchecked_fixture(live, mock_start, mock_stop);
-    tcase_add_checked_fixture(live, setup, pool_teardown);
+    tcase_add_checked_fixture(live, setup, teardown);
     tcase_set_timeout(live, 30);
     tcase_add_test(live, fetches_a_token);
     tcase_add_test(live, reports_status_and_retry_after);
