@@ -60,12 +60,17 @@ static cJSON *parse_json(const char *s, apr_size_t len)
     return j;
 }
 
+/* A time claim: 1 when present and valid, 0 when absent, -1 when it is not
+ * a number of seconds up to the end of year 9999 (expires_at must stay a
+ * valid RFC 3339 date). */
 static int read_claim(const cJSON *payload, const char *name, apr_int64_t *v)
 {
     const cJSON *c = cJSON_GetObjectItemCaseSensitive(payload, name);
-    if (!cJSON_IsNumber(c) || !isfinite(c->valuedouble) || c->valuedouble < 0 ||
-        c->valuedouble > 1e12)
+    if (!c)
         return 0;
+    if (!cJSON_IsNumber(c) || !isfinite(c->valuedouble) || c->valuedouble < 0 ||
+        c->valuedouble > 253402300799.0)
+        return -1;
     *v = (apr_int64_t)c->valuedouble;
     return 1;
 }
@@ -108,6 +113,10 @@ static apr_status_t parse_jwt(apr_pool_t *p, const char *jwt, cs_token_t *tok,
     tok->has_exp = read_claim(j, "exp", &tok->exp);
     tok->has_iat = read_claim(j, "iat", &tok->iat);
     cJSON_Delete(j);
+    if (tok->has_exp < 0 || tok->has_iat < 0) {
+        *err = "the Token's exp or iat claim is not a valid time";
+        return APR_EINVAL;
+    }
     return APR_SUCCESS;
 }
 

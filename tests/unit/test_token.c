@@ -81,6 +81,11 @@ START_TEST(refuses_bad_replies)
         apr_psprintf(tp, "{\"Token\": \"%s\"}", good),
         apr_psprintf(tp, "{\"Token\": 1, \"IdentityId\": \"i\"}"),
         reply(good, ", \"session_id\": 7"),
+        /* exp past year 9999 would make expires_at an invalid date */
+        /* exp or iat present but not a valid time */
+        reply(make_jwt(tp, "{\"exp\":999999999999}"), NULL),
+        reply(make_jwt(tp, "{\"exp\":\"soon\"}"), NULL),
+        reply(make_jwt(tp, "{\"iat\":-5,\"exp\":1800000900}"), NULL),
         apr_pstrcat(tp, reply(good, NULL), " trailing", NULL),
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
