@@ -1105,7 +1105,7 @@ static int cs_session_handler(request_rec *r)
         rv = apr_global_mutex_timedlock(flight,
                                         sc->timeout + apr_time_from_sec(1));
     }
-    if (rv != APR_SUCCESS) {
+    if (APR_STATUS_IS_TIMEUP(rv)) {
         ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r,
                       APLOGNO(10525) "mod_cardscan: gave up waiting for "
                                      "another request's call to the API");
@@ -1113,9 +1113,16 @@ static int cs_session_handler(request_rec *r)
                           "upstream_timeout",
                           "the CardScan API did not answer in time");
     }
-    if (cache_get(r, d->key, id, &e) &&
-        (cs_entry_fresh(&e, apr_time_now(), d->min_ttl) ||
-         (e.kind == CS_ENTRY_FAILURE && e.created >= wait_start))) {
+    if (rv != APR_SUCCESS) {
+        /* a broken lock must not cost the user a token: go without */
+        ap_log_rerror(APLOG_MARK, APLOG_WARNING, rv, r,
+                      APLOGNO(10531) "mod_cardscan: single-flight lock "
+                                     "failed; calling the API without it");
+        flight = NULL;
+    }
+    else if (cache_get(r, d->key, id, &e) &&
+             (cs_entry_fresh(&e, apr_time_now(), d->min_ttl) ||
+              (e.kind == CS_ENTRY_FAILURE && e.created >= wait_start))) {
         apr_global_mutex_unlock(flight);
         return send_entry(r, &e, CS_OUT_WAITED);
     }
@@ -1124,7 +1131,8 @@ static int cs_session_handler(request_rec *r)
         cs_g.metrics ? cs_breaker_slot(cs_g.metrics->breakers, endpoint) : NULL;
     if (breaker && cs_g.breaker_failures &&
         !cs_breaker_allow(breaker, apr_time_now(), &retry_after)) {
-        apr_global_mutex_unlock(flight);
+        if (flight)
+            apr_global_mutex_unlock(flight);
         apr_table_setn(r->headers_out, "Retry-After",
                        apr_itoa(r->pool, retry_after));
         return send_error(r, CS_OUT_UNAVAILABLE, HTTP_SERVICE_UNAVAILABLE,
@@ -1137,7 +1145,8 @@ static int cs_session_handler(request_rec *r)
         cache_put(r, d->key, id, &e, e.expires);
     else if (e.kind == CS_ENTRY_FAILURE)
         cache_put(r, d->key, id, &e, e.created + CS_FAILURE_TTL);
-    apr_global_mutex_unlock(flight);
+    if (flight)
+        apr_global_mutex_unlock(flight);
     return send_entry(r, &e, CS_OUT_FETCHED);
 }
 
