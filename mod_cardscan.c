@@ -577,7 +577,7 @@ static apr_status_t attach_flight(server_rec *s, apr_pool_t *ptemp)
 static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
                           apr_pool_t *ptemp, server_rec *s)
 {
-    struct ap_socache_hints hints = {CS_CACHE_ID_LEN, 2400,
+    struct ap_socache_hints hints = {CS_CACHE_KEY_LEN, 2400,
                                      apr_time_from_sec(30)};
     const char *name, *args, *err;
     apr_status_t rv;
@@ -702,7 +702,7 @@ static const cs_key_t *seal_key(const cs_key_t *key, cs_key_t *buf)
 static int cache_get(request_rec *r, const cs_key_t *key, const char *id,
                      cs_entry_t *e)
 {
-    unsigned char buf[CS_ENTRY_MAX];
+    unsigned char buf[CS_ENTRY_MAX], skey[CS_CACHE_KEY_LEN];
     unsigned int len = sizeof(buf);
     const char *err = NULL;
     cs_key_t tmp;
@@ -715,9 +715,9 @@ static int cache_get(request_rec *r, const cs_key_t *key, const char *id,
     if (cs_g.cache_mutex &&
         apr_global_mutex_lock(cs_g.cache_mutex) != APR_SUCCESS)
         return 0;
-    rv = cs_g.cache->retrieve(cs_g.cache_inst, r->server,
-                              (const unsigned char *)id, CS_CACHE_ID_LEN, buf,
-                              &len, r->pool);
+    cs_cache_key_bytes(id, skey);
+    rv = cs_g.cache->retrieve(cs_g.cache_inst, r->server, skey,
+                              CS_CACHE_KEY_LEN, buf, &len, r->pool);
     if (cs_g.cache_mutex)
         apr_global_mutex_unlock(cs_g.cache_mutex);
     if (rv != APR_SUCCESS) {
@@ -748,7 +748,7 @@ static int cache_get(request_rec *r, const cs_key_t *key, const char *id,
 static void cache_put(request_rec *r, const cs_key_t *key, const char *id,
                       const cs_entry_t *e, apr_time_t expiry)
 {
-    unsigned char *data;
+    unsigned char *data, skey[CS_CACHE_KEY_LEN];
     apr_size_t len;
     const char *err = NULL;
     cs_key_t tmp;
@@ -773,9 +773,9 @@ static void cache_put(request_rec *r, const cs_key_t *key, const char *id,
     if (cs_g.cache_mutex &&
         apr_global_mutex_lock(cs_g.cache_mutex) != APR_SUCCESS)
         return;
-    rv = cs_g.cache->store(cs_g.cache_inst, r->server,
-                           (const unsigned char *)id, CS_CACHE_ID_LEN, expiry,
-                           data, (unsigned int)len, r->pool);
+    cs_cache_key_bytes(id, skey);
+    rv = cs_g.cache->store(cs_g.cache_inst, r->server, skey, CS_CACHE_KEY_LEN,
+                           expiry, data, (unsigned int)len, r->pool);
     if (cs_g.cache_mutex)
         apr_global_mutex_unlock(cs_g.cache_mutex);
     if (rv == APR_SUCCESS)

@@ -115,13 +115,18 @@ const char *cs_rfc3339(apr_pool_t *p, apr_time_t t);
 
 /* ---------------------------------------------------------------- cache */
 
-#define CS_CACHE_ID_LEN 64 /* hex of a SHA-256 HMAC */
+#define CS_CACHE_ID_LEN 64  /* hex of a SHA-256 HMAC */
+#define CS_CACHE_KEY_LEN 32 /* the same HMAC as bytes: the socache id */
 
 /* The cache id of one (API key, endpoint, user id): a keyed hash, so that
  * tenants never share an entry and ids in a shared cache reveal no user.
  * out must hold CS_CACHE_ID_LEN + 1 bytes. */
 void cs_cache_id(const cs_key_t *key, const char *endpoint, const char *user_id,
                  char *out);
+
+/* The socache id of a cache id: its 32 bytes. shmcb picks a sub-cache by
+ * the first byte of an id, so hex (16 values) would use a fraction of it. */
+void cs_cache_key_bytes(const char *id, unsigned char out[CS_CACHE_KEY_LEN]);
 
 typedef enum {
     CS_ENTRY_TOKEN = 1,  /* body is the client reply */

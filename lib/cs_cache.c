@@ -8,6 +8,7 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
+#include <pthread.h>
 #include <string.h>
 
 #define ENTRY_MAGIC "CSE1"
@@ -16,6 +17,47 @@
 #define NONCE_LEN 12
 #define TAG_LEN 16
 #define AAD_LABEL "mod_cardscan entry v1 "
+
+/* OpenSSL 3 looks an algorithm up on every one-shot call: look SHA-256 and
+ * AES-256-GCM up once per process instead (they are on the hit path). */
+static pthread_once_t algs_once = PTHREAD_ONCE_INIT;
+static const EVP_MD *alg_sha256;
+static const EVP_CIPHER *alg_gcm;
+
+static void fetch_algs(void)
+{
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    alg_sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+    alg_gcm = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+#endif
+    if (!alg_sha256)
+        alg_sha256 = EVP_sha256();
+    if (!alg_gcm)
+        alg_gcm = EVP_aes_256_gcm();
+}
+
+static const EVP_MD *sha256(void)
+{
+    pthread_once(&algs_once, fetch_algs);
+    return alg_sha256;
+}
+
+static const EVP_CIPHER *aes_gcm(void)
+{
+    pthread_once(&algs_once, fetch_algs);
+    return alg_gcm;
+}
+
+void cs_cache_key_bytes(const char *id, unsigned char out[CS_CACHE_KEY_LEN])
+{
+    for (int i = 0; i < CS_CACHE_KEY_LEN; i++) {
+        unsigned char hi = (unsigned char)id[2 * i],
+                      lo = (unsigned char)id[2 * i + 1];
+        hi = hi <= '9' ? hi - '0' : hi - 'a' + 10;
+        lo = lo <= '9' ? lo - '0' : lo - 'a' + 10;
+        out[i] = (unsigned char)((hi << 4) | lo);
+    }
+}
 
 void cs_cache_id(const cs_key_t *key, const char *endpoint, const char *user_id,
                  char *out)
@@ -26,9 +68,9 @@ void cs_cache_id(const cs_key_t *key, const char *endpoint, const char *user_id,
 
     /* Digest each part first: fixed-size input, and ("a", "bc") and
      * ("ab", "c") stay apart. */
-    EVP_Digest(endpoint, strlen(endpoint), parts, NULL, EVP_sha256(), NULL);
-    EVP_Digest(user_id, strlen(user_id), parts + 32, NULL, EVP_sha256(), NULL);
-    HMAC(EVP_sha256(), key->id_key, CS_SECRET_LEN, parts, sizeof(parts), mac,
+    EVP_Digest(endpoint, strlen(endpoint), parts, NULL, sha256(), NULL);
+    EVP_Digest(user_id, strlen(user_id), parts + 32, NULL, sha256(), NULL);
+    HMAC(sha256(), key->id_key, CS_SECRET_LEN, parts, sizeof(parts), mac,
          &maclen);
     for (int i = 0; i < 32; i++) {
         out[2 * i] = hex[mac[i] >> 4];
@@ -74,8 +116,7 @@ static int gcm(int enc, const cs_key_t *key, const char *id,
     EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
     int n, ok;
 
-    ok = c &&
-         EVP_CipherInit_ex(c, EVP_aes_256_gcm(), NULL, NULL, NULL, enc) == 1 &&
+    ok = c && EVP_CipherInit_ex(c, aes_gcm(), NULL, NULL, NULL, enc) == 1 &&
          EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_IVLEN, NONCE_LEN, NULL) == 1 &&
          EVP_CipherInit_ex(c, NULL, NULL, key->seal_key, nonce, enc) == 1 &&
          EVP_CipherUpdate(c, NULL, &n, (const unsigned char *)AAD_LABEL,

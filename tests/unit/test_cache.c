@@ -1,5 +1,6 @@
 #include "suites.h"
 
+#include <stdio.h>
 #include <string.h>
 
 #include "lib/cardscan.h"
@@ -35,6 +36,33 @@ START_TEST(ids_separate_tenants_endpoints_users)
     ck_assert_str_ne(a, b);
     /* the id reveals neither the user nor the key */
     ck_assert_ptr_null(strstr(a, "alice"));
+}
+END_TEST
+
+START_TEST(key_bytes_are_the_id_decoded)
+{
+    char id[CS_CACHE_ID_LEN + 1];
+    unsigned char raw[CS_CACHE_KEY_LEN];
+    int firsts[256] = {0}, distinct = 0;
+    cs_cache_id(key(KEY_A), CS_SANDBOX_URL, "alice", id);
+    cs_cache_key_bytes(id, raw);
+    for (int i = 0; i < CS_CACHE_KEY_LEN; i++) {
+        char two[3];
+        snprintf(two, sizeof(two), "%02x", raw[i]);
+        ck_assert_int_eq(two[0], id[2 * i]);
+        ck_assert_int_eq(two[1], id[2 * i + 1]);
+    }
+    /* the first byte (shmcb's sub-cache) spreads over far more than the
+     * 16 values a hex id would give */
+    for (int u = 0; u < 2000; u++) {
+        char user[16];
+        snprintf(user, sizeof(user), "u%d", u);
+        cs_cache_id(key(KEY_A), CS_SANDBOX_URL, user, id);
+        cs_cache_key_bytes(id, raw);
+        if (!firsts[raw[0]]++)
+            distinct++;
+    }
+    ck_assert_int_gt(distinct, 200);
 }
 END_TEST
 
@@ -151,6 +179,7 @@ Suite *cache_suite(void)
     TCase *tc = tcase_create("cache");
     tcase_add_checked_fixture(tc, pool_setup, pool_teardown);
     tcase_add_test(tc, ids_separate_tenants_endpoints_users);
+    tcase_add_test(tc, key_bytes_are_the_id_decoded);
     tcase_add_test(tc, seal_open_round_trip);
     tcase_add_test(tc, tampered_or_foreign_entries_do_not_open);
     tcase_add_test(tc, seal_secret_override);
