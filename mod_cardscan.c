@@ -39,6 +39,8 @@ module AP_MODULE_DECLARE_DATA cardscan_module;
 #define CS_MAX_BODY (64 * 1024)
 #define CS_ENTRY_MAX (16 * 1024)
 #define CS_DEFAULT_SHMCB_SIZE (32 * 1024 * 1024)
+#define CS_CACHE_SHARDS 64                  /* at most, a power of 2 */
+#define CS_SHARD_MIN_SIZE (4 * 1024 * 1024) /* bytes of shmcb per shard */
 #define CS_FAILURE_TTL apr_time_from_sec(10)
 #define CS_DEFAULT_MIN_TTL apr_time_from_sec(60)
 #define CS_DEFAULT_TIMEOUT apr_time_from_sec(5)
@@ -77,8 +79,12 @@ typedef struct {
 static struct {
     const char *cache_spec; /* CardScanCache as given, NULL: default */
     const ap_socache_provider_t *cache;
-    ap_socache_instance_t *cache_inst;
-    apr_global_mutex_t *cache_mutex; /* only for providers that need it */
+    /* shmcb scans a sub-cache linearly under one lock: large caches are
+     * split into shards, each with its own instance and lock */
+    int shards;
+    ap_socache_instance_t *cache_inst[CS_CACHE_SHARDS];
+    apr_global_mutex_t *cache_mutex[CS_CACHE_SHARDS]; /* if the provider
+                                                         needs one */
     apr_global_mutex_t *flight[CS_FLIGHT_STRIPES];
     cs_upstream_t *upstream; /* per child, from child_init */
     cs_metrics_t *metrics;   /* shared memory, kept across restarts */
@@ -513,10 +519,40 @@ static int cs_check_config(apr_pool_t *pconf, apr_pool_t *plog,
 static apr_status_t destroy_cache(void *data)
 {
     server_rec *s = data;
-    if (cs_g.cache && cs_g.cache_inst)
-        cs_g.cache->destroy(cs_g.cache_inst, s);
-    cs_g.cache_inst = NULL;
+    for (int i = 0; i < cs_g.shards; i++) {
+        if (cs_g.cache && cs_g.cache_inst[i])
+            cs_g.cache->destroy(cs_g.cache_inst[i], s);
+        cs_g.cache_inst[i] = NULL;
+    }
+    cs_g.shards = 0;
     return APR_SUCCESS;
+}
+
+/* Splits a large shmcb into shards of at least CS_SHARD_MIN_SIZE bytes (a
+ * power of 2 of them, at most CS_CACHE_SHARDS): each has its own lock and
+ * scans fewer entries. Other providers, and specs without a size, stay
+ * whole. */
+static const char **shard_cache_args(apr_pool_t *p, const char *name,
+                                     const char *args, int *shards)
+{
+    const char **out = apr_pcalloc(p, CS_CACHE_SHARDS * sizeof(*out));
+    const char *open = args ? strrchr(args, '(') : NULL;
+    apr_int64_t size;
+
+    *shards = 1;
+    out[0] = args;
+    if (strcmp(name, "shmcb") != 0 || !open || args[strlen(args) - 1] != ')')
+        return out;
+    size = apr_atoi64(open + 1);
+    while (*shards < CS_CACHE_SHARDS &&
+           size / (*shards * 2) >= CS_SHARD_MIN_SIZE)
+        *shards *= 2;
+    if (*shards == 1)
+        return out;
+    for (int i = 0; i < *shards; i++)
+        out[i] = apr_psprintf(p, "%.*s.%d(%" APR_INT64_T_FMT ")",
+                              (int)(open - args), args, i, size / *shards);
+    return out;
 }
 
 /* The counters and breakers live in one anonymous shared segment made once
@@ -579,7 +615,7 @@ static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
 {
     struct ap_socache_hints hints = {CS_CACHE_KEY_LEN, 2400,
                                      apr_time_from_sec(30)};
-    const char *name, *args, *err;
+    const char *name, *args, *err, **shard_args;
     apr_status_t rv;
     (void)plog;
 
@@ -603,28 +639,34 @@ static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
                                     AP_SOCACHE_PROVIDER_VERSION);
     if (!cs_g.cache)
         return HTTP_INTERNAL_SERVER_ERROR; /* reported by check_config */
-    err = cs_g.cache->create(&cs_g.cache_inst, args, ptemp, pconf);
-    if (err) {
-        ap_log_error(APLOG_MARK, APLOG_EMERG, 0, s,
-                     APLOGNO(10506) "mod_cardscan: CardScanCache %s: %s",
-                     cs_g.cache_spec ? cs_g.cache_spec : name, err);
-        return HTTP_INTERNAL_SERVER_ERROR;
-    }
-    if (cs_g.cache->flags & AP_SOCACHE_FLAG_NOTMPSAFE) {
-        rv = ap_global_mutex_create(&cs_g.cache_mutex, NULL, CS_CACHE_MUTEX,
-                                    NULL, s, pconf, 0);
-        if (rv != APR_SUCCESS)
-            return HTTP_INTERNAL_SERVER_ERROR;
-    }
-    rv = cs_g.cache->init(cs_g.cache_inst, "mod_cardscan", &hints, s, pconf);
-    if (rv != APR_SUCCESS) {
-        ap_log_error(APLOG_MARK, APLOG_EMERG, rv, s,
-                     APLOGNO(10507) "mod_cardscan: cannot initialise the "
-                                    "token cache (%s)",
-                     name);
-        return HTTP_INTERNAL_SERVER_ERROR;
-    }
+    shard_args = shard_cache_args(ptemp, name, args, &cs_g.shards);
     apr_pool_cleanup_register(pconf, s, destroy_cache, apr_pool_cleanup_null);
+    for (int i = 0; i < cs_g.shards; i++) {
+        err = cs_g.cache->create(&cs_g.cache_inst[i], shard_args[i], ptemp,
+                                 pconf);
+        if (err) {
+            ap_log_error(APLOG_MARK, APLOG_EMERG, 0, s,
+                         APLOGNO(10506) "mod_cardscan: CardScanCache %s: %s",
+                         cs_g.cache_spec ? cs_g.cache_spec : name, err);
+            return HTTP_INTERNAL_SERVER_ERROR;
+        }
+        if (cs_g.cache->flags & AP_SOCACHE_FLAG_NOTMPSAFE) {
+            rv = ap_global_mutex_create(&cs_g.cache_mutex[i], NULL,
+                                        CS_CACHE_MUTEX, apr_itoa(ptemp, i), s,
+                                        pconf, 0);
+            if (rv != APR_SUCCESS)
+                return HTTP_INTERNAL_SERVER_ERROR;
+        }
+        rv = cs_g.cache->init(cs_g.cache_inst[i], "mod_cardscan", &hints, s,
+                              pconf);
+        if (rv != APR_SUCCESS) {
+            ap_log_error(APLOG_MARK, APLOG_EMERG, rv, s,
+                         APLOGNO(10507) "mod_cardscan: cannot initialise the "
+                                        "token cache (%s)",
+                         name);
+            return HTTP_INTERNAL_SERVER_ERROR;
+        }
+    }
     return OK;
 }
 
@@ -642,9 +684,12 @@ static void cs_child_init(apr_pool_t *p, server_rec *s)
             ap_log_error(APLOG_MARK, APLOG_CRIT, rv, s,
                          APLOGNO(10508) "mod_cardscan: flight mutex init");
     }
-    if (cs_g.cache_mutex) {
+    for (int i = 0; i < cs_g.shards; i++) {
+        if (!cs_g.cache_mutex[i])
+            continue;
         rv = apr_global_mutex_child_init(
-            &cs_g.cache_mutex, apr_global_mutex_lockfile(cs_g.cache_mutex), p);
+            &cs_g.cache_mutex[i],
+            apr_global_mutex_lockfile(cs_g.cache_mutex[i]), p);
         if (rv != APR_SUCCESS)
             ap_log_error(APLOG_MARK, APLOG_CRIT, rv, s,
                          APLOGNO(10509) "mod_cardscan: cache mutex init");
@@ -686,7 +731,7 @@ static void cache_failed(request_rec *r, apr_status_t rv, const char *what)
 
 static int cache_usable(void)
 {
-    return cs_g.cache_inst && apr_time_now() >= cs_g.cache_pause_until;
+    return cs_g.shards > 0 && apr_time_now() >= cs_g.cache_pause_until;
 }
 
 /* The key entries are sealed with: per API key, or CardScanCacheSecret. */
@@ -704,6 +749,7 @@ static int cache_get(request_rec *r, const cs_key_t *key, const char *id,
 {
     unsigned char buf[CS_ENTRY_MAX], skey[CS_CACHE_KEY_LEN];
     unsigned int len = sizeof(buf);
+    int shard;
     const char *err = NULL;
     cs_key_t tmp;
     apr_status_t rv;
@@ -712,14 +758,15 @@ static int cache_get(request_rec *r, const cs_key_t *key, const char *id,
         return 0;
     /* the lock fails in children of a generation a graceful restart has
      * replaced: their cache is going away, so do without it */
-    if (cs_g.cache_mutex &&
-        apr_global_mutex_lock(cs_g.cache_mutex) != APR_SUCCESS)
-        return 0;
     cs_cache_key_bytes(id, skey);
-    rv = cs_g.cache->retrieve(cs_g.cache_inst, r->server, skey,
+    shard = skey[CS_CACHE_KEY_LEN - 1] & (cs_g.shards - 1);
+    if (cs_g.cache_mutex[shard] &&
+        apr_global_mutex_lock(cs_g.cache_mutex[shard]) != APR_SUCCESS)
+        return 0;
+    rv = cs_g.cache->retrieve(cs_g.cache_inst[shard], r->server, skey,
                               CS_CACHE_KEY_LEN, buf, &len, r->pool);
-    if (cs_g.cache_mutex)
-        apr_global_mutex_unlock(cs_g.cache_mutex);
+    if (cs_g.cache_mutex[shard])
+        apr_global_mutex_unlock(cs_g.cache_mutex[shard]);
     if (rv != APR_SUCCESS) {
         if (!APR_STATUS_IS_NOTFOUND(rv))
             cache_failed(r, rv, "read");
@@ -750,6 +797,7 @@ static void cache_put(request_rec *r, const cs_key_t *key, const char *id,
 {
     unsigned char *data, skey[CS_CACHE_KEY_LEN];
     apr_size_t len;
+    int shard;
     const char *err = NULL;
     cs_key_t tmp;
     apr_status_t rv;
@@ -770,14 +818,16 @@ static void cache_put(request_rec *r, const cs_key_t *key, const char *id,
                       len);
         return;
     }
-    if (cs_g.cache_mutex &&
-        apr_global_mutex_lock(cs_g.cache_mutex) != APR_SUCCESS)
-        return;
     cs_cache_key_bytes(id, skey);
-    rv = cs_g.cache->store(cs_g.cache_inst, r->server, skey, CS_CACHE_KEY_LEN,
-                           expiry, data, (unsigned int)len, r->pool);
-    if (cs_g.cache_mutex)
-        apr_global_mutex_unlock(cs_g.cache_mutex);
+    shard = skey[CS_CACHE_KEY_LEN - 1] & (cs_g.shards - 1);
+    if (cs_g.cache_mutex[shard] &&
+        apr_global_mutex_lock(cs_g.cache_mutex[shard]) != APR_SUCCESS)
+        return;
+    rv = cs_g.cache->store(cs_g.cache_inst[shard], r->server, skey,
+                           CS_CACHE_KEY_LEN, expiry, data, (unsigned int)len,
+                           r->pool);
+    if (cs_g.cache_mutex[shard])
+        apr_global_mutex_unlock(cs_g.cache_mutex[shard]);
     if (rv == APR_SUCCESS)
         cs_g.cache_pause = 0;
     else if (APR_STATUS_IS_ENOSPC(rv)) /* a full shmcb: just not cached */
