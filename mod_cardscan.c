@@ -38,7 +38,7 @@ module AP_MODULE_DECLARE_DATA cardscan_module;
 #define CS_FLIGHT_STRIPES 128
 #define CS_MAX_BODY (64 * 1024)
 #define CS_ENTRY_MAX (16 * 1024)
-#define CS_DEFAULT_SHMCB_SIZE (32 * 1024 * 1024)
+#define CS_DEFAULT_SHMCB_SIZE (48 * 1024 * 1024)
 #define CS_CACHE_SHARDS 64                  /* at most, a power of 2 */
 #define CS_SHARD_MIN_SIZE (4 * 1024 * 1024) /* bytes of shmcb per shard */
 #define CS_FAILURE_TTL apr_time_from_sec(10)
