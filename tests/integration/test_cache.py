@@ -53,6 +53,7 @@ class CacheTest(MockTestCase):
         "event": "StartServers 4\nServerLimit 8\nThreadsPerChild 16\nMinSpareThreads 16\n"
                  "MaxSpareThreads 128\nMaxRequestWorkers 128\nMaxConnectionsPerChild 12\n",
     }
+    SPREAD["worker"] = SPREAD["event"]
 
     def _shared_across_children(self, mpm):
         a = self.apache(mpm=mpm, mpm_conf=self.SPREAD[mpm], access_log=True)
@@ -76,6 +77,9 @@ class CacheTest(MockTestCase):
 
     def test_shared_across_children_event(self):
         self._shared_across_children("event")
+
+    def test_shared_across_children_worker(self):
+        self._shared_across_children("worker")
 
     # ------------------------------------------------- expiry and refresh
 
@@ -244,6 +248,9 @@ class CacheTest(MockTestCase):
     def test_single_flight_event(self):
         self._single_flight("event")
 
+    def test_single_flight_worker(self):
+        self._single_flight("worker")
+
     def _single_flight_failure(self, mpm, servers):
         a = self.apache(mpm=mpm, servers=servers)
         # every request must be inside a child while the one call is running
@@ -269,6 +276,9 @@ class CacheTest(MockTestCase):
 
     def test_single_flight_failure_event(self):
         self._single_flight_failure("event", 2)
+
+    def test_single_flight_failure_worker(self):
+        self._single_flight_failure("worker", 2)
 
     # ---------------------------------------------------- connection reuse
 

@@ -154,7 +154,9 @@ class FleetTests(MockTestCase):
         self.assertEqual(self.mock.calls(), 2)
 
     def test_memcached_one_token_one_call_across_servers(self):
-        servers = self.two_servers("memcache:127.0.0.1:%d" % self.memcached.port, "socache_memcache")
+        # the worker MPM here, event and prefork in the Redis test
+        servers = self.two_servers("memcache:127.0.0.1:%d" % self.memcached.port, "socache_memcache",
+                                   mpms=("worker", "prefork"))
         tokens = self.alternate(servers, user="carol")
         self.assertEqual(len(tokens), 1)
         self.assertEqual(self.mock.calls(), 1)
