@@ -23,6 +23,7 @@
 #include "apr_global_mutex.h"
 #include "apr_lib.h"
 #include "apr_shm.h"
+#include "apr_thread_rwlock.h"
 #include "apr_strings.h"
 
 #include "lib/cardscan.h"
@@ -39,7 +40,9 @@ module AP_MODULE_DECLARE_DATA cardscan_module;
 #define CS_MAX_BODY (64 * 1024)
 #define CS_ENTRY_MAX (16 * 1024)
 #define CS_DEFAULT_SHMCB_SIZE (48 * 1024 * 1024)
-#define CS_CACHE_SHARDS 64                  /* at most, a power of 2 */
+#define CS_CACHE_SHARDS 64 /* at most, a power of 2 */
+#define CS_LOCAL_SLOTS 64  /* per-process copies of hits */
+#define CS_LOCAL_TTL apr_time_from_sec(1)
 #define CS_SHARD_MIN_SIZE (4 * 1024 * 1024) /* bytes of shmcb per shard */
 #define CS_FAILURE_TTL apr_time_from_sec(10)
 #define CS_DEFAULT_MIN_TTL apr_time_from_sec(60)
@@ -75,6 +78,14 @@ typedef struct {
     unsigned int timeout_set : 1, ca_file_set : 1, proxy_set : 1;
 } cs_srv_conf;
 
+/* A process's copy of an entry it just read from the shared cache. */
+typedef struct {
+    char id[CS_CACHE_ID_LEN + 1];
+    apr_time_t until; /* the copy is used until then */
+    cs_entry_t e;     /* e.body points into buf */
+    char buf[CS_ENTRY_MAX];
+} cs_local_slot;
+
 /* Process-wide state: the cache, its mutexes and the upstream client. */
 static struct {
     const char *cache_spec; /* CardScanCache as given, NULL: default */
@@ -87,7 +98,9 @@ static struct {
                                                          needs one */
     apr_global_mutex_t *flight[CS_FLIGHT_STRIPES];
     cs_upstream_t *upstream; /* per child, from child_init */
-    cs_metrics_t *metrics;   /* shared memory, kept across restarts */
+    cs_local_slot *local;    /* per child: CS_LOCAL_SLOTS copies of hits */
+    apr_thread_rwlock_t *local_lock;
+    cs_metrics_t *metrics; /* shared memory, kept across restarts */
     apr_uint32_t breaker_failures;
     apr_interval_time_t breaker_period;
     int seal_secret_set; /* CardScanCacheSecret */
@@ -695,6 +708,11 @@ static void cs_child_init(apr_pool_t *p, server_rec *s)
                          APLOGNO(10509) "mod_cardscan: cache mutex init");
     }
     /* libcurl handles are per process: none survives a fork */
+    /* a user's hits copied for a second: many requests of one user at once
+     * then share no lock with other processes */
+    if (cs_g.shards &&
+        apr_thread_rwlock_create(&cs_g.local_lock, p) == APR_SUCCESS)
+        cs_g.local = apr_pcalloc(p, CS_LOCAL_SLOTS * sizeof(cs_local_slot));
     if (cs_upstream_create(p, &cs_g.upstream, &err) != APR_SUCCESS)
         ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s,
                      APLOGNO(10510) "mod_cardscan: %s", err);
@@ -742,6 +760,56 @@ static const cs_key_t *seal_key(const cs_key_t *key, cs_key_t *buf)
     *buf = *key;
     memcpy(buf->seal_key, cs_g.seal_key, CS_SECRET_LEN);
     return buf;
+}
+
+/* The per-process copies: a hot user's requests are served from this
+ * process's memory for CS_LOCAL_TTL after a shared-cache hit, without the
+ * shared cache's lock or decryption. A copy is only ever an entry that was
+ * just valid in the shared cache, and freshness is checked as there. */
+static cs_local_slot *local_slot(const char *id)
+{
+    unsigned int h = 0;
+    for (int i = 0; i < 4; i++)
+        h = (h << 4) |
+            (unsigned int)(apr_isdigit(id[i]) ? id[i] - '0' : id[i] - 'a' + 10);
+    return &cs_g.local[h % CS_LOCAL_SLOTS];
+}
+
+static int local_get(request_rec *r, const char *id, apr_time_t now,
+                     apr_interval_time_t min_ttl, cs_entry_t *e)
+{
+    cs_local_slot *slot;
+    int hit = 0;
+
+    if (!cs_g.local)
+        return 0;
+    slot = local_slot(id);
+    apr_thread_rwlock_rdlock(cs_g.local_lock);
+    if (now < slot->until && strcmp(slot->id, id) == 0 &&
+        cs_entry_fresh(&slot->e, now, min_ttl)) {
+        *e = slot->e;
+        e->body = apr_pstrmemdup(r->pool, slot->buf, slot->e.body_len);
+        hit = 1;
+    }
+    apr_thread_rwlock_unlock(cs_g.local_lock);
+    return hit;
+}
+
+static void local_put(const char *id, const cs_entry_t *e, apr_time_t now)
+{
+    cs_local_slot *slot;
+
+    if (!cs_g.local || e->kind != CS_ENTRY_TOKEN ||
+        e->body_len >= sizeof(slot->buf))
+        return;
+    slot = local_slot(id);
+    apr_thread_rwlock_wrlock(cs_g.local_lock);
+    memcpy(slot->buf, e->body, e->body_len);
+    slot->e = *e;
+    slot->e.body = slot->buf;
+    memcpy(slot->id, id, CS_CACHE_ID_LEN + 1);
+    slot->until = now + CS_LOCAL_TTL;
+    apr_thread_rwlock_unlock(cs_g.local_lock);
 }
 
 static int cache_get(request_rec *r, const cs_key_t *key, const char *id,
@@ -1067,7 +1135,7 @@ static int cs_session_handler(request_rec *r)
     cs_entry_t e;
     cs_breaker_t *breaker;
     apr_global_mutex_t *flight;
-    apr_time_t wait_start;
+    apr_time_t wait_start, now;
     apr_status_t rv;
     int retry_after = 0;
 
@@ -1137,8 +1205,10 @@ static int cs_session_handler(request_rec *r)
 
     endpoint = effective_endpoint(d);
     cs_cache_id(d->key, endpoint, user_id, id);
-    if (cache_get(r, d->key, id, &e) &&
-        cs_entry_fresh(&e, apr_time_now(), d->min_ttl)) {
+    now = apr_time_now();
+    if (local_get(r, id, now, d->min_ttl, &e) ||
+        (cache_get(r, d->key, id, &e) && cs_entry_fresh(&e, now, d->min_ttl) &&
+         (local_put(id, &e, now), 1))) {
         cs_metrics_cache(cs_g.metrics, 1);
         return send_entry(r, &e, CS_OUT_HIT);
     }
