@@ -707,18 +707,29 @@ static void cs_child_init(apr_pool_t *p, server_rec *s)
             ap_log_error(APLOG_MARK, APLOG_CRIT, rv, s,
                          APLOGNO(10509) "mod_cardscan: cache mutex init");
     }
-    /* libcurl handles are per process: none survives a fork */
     /* a user's hits copied for a second: many requests of one user at once
      * then share no lock with other processes */
     if (cs_g.shards &&
         apr_thread_rwlock_create(&cs_g.local_lock, p) == APR_SUCCESS)
         cs_g.local = apr_pcalloc(p, CS_LOCAL_SLOTS * sizeof(cs_local_slot));
+    /* libcurl handles are per process: none survives a fork */
     if (cs_upstream_create(p, &cs_g.upstream, &err) != APR_SUCCESS)
         ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s,
                      APLOGNO(10510) "mod_cardscan: %s", err);
 }
 
 /* ------------------------------------------------------------------ cache */
+
+/* Warnings that could repeat on every request are logged at most once per
+ * CS_CACHE_WARN_INTERVAL per process (at debug in between). */
+static int warn_level(apr_time_t *last)
+{
+    apr_time_t now = apr_time_now();
+    if (now - *last < CS_CACHE_WARN_INTERVAL)
+        return APLOG_DEBUG;
+    *last = now;
+    return APLOG_WARNING;
+}
 
 /* A cache that cannot be reached (Redis restarting, ...) is left alone for a
  * while, doubling from 2 s to 60 s, so that neither this module nor the
@@ -727,29 +738,57 @@ static void cs_child_init(apr_pool_t *p, server_rec *s)
  * changes when the next attempt happens. */
 static void cache_failed(request_rec *r, apr_status_t rv, const char *what)
 {
-    apr_time_t now = apr_time_now();
+    /* computed once: ap_log_rerror is a macro that evaluates it twice */
+    int level = warn_level(&cs_g.cache_warned);
     apr_interval_time_t pause =
         cs_g.cache_pause ? 2 * cs_g.cache_pause : CS_CACHE_PAUSE_MIN;
     if (pause > CS_CACHE_PAUSE_MAX)
         pause = CS_CACHE_PAUSE_MAX;
     cs_g.cache_pause = pause;
-    cs_g.cache_pause_until = now + pause;
-    ap_log_rerror(APLOG_MARK,
-                  now - cs_g.cache_warned >= CS_CACHE_WARN_INTERVAL
-                      ? APLOG_WARNING
-                      : APLOG_DEBUG,
-                  rv, r,
+    cs_g.cache_pause_until = apr_time_now() + pause;
+    ap_log_rerror(APLOG_MARK, level, rv, r,
                   APLOGNO(10527) "mod_cardscan: the token cache failed to %s; "
                                  "calling the CardScan API directly for the "
                                  "next %" APR_TIME_T_FMT " s",
                   what, apr_time_sec(pause));
-    if (now - cs_g.cache_warned >= CS_CACHE_WARN_INTERVAL)
-        cs_g.cache_warned = now;
 }
 
 static int cache_usable(void)
 {
     return cs_g.shards > 0 && apr_time_now() >= cs_g.cache_pause_until;
+}
+
+/* One user's place in the caches, computed once per request: the hex id
+ * (bound into sealed entries) and its bytes, which pick the socache id, the
+ * shard, the single-flight stripe and the per-process slot. */
+typedef struct {
+    char id[CS_CACHE_ID_LEN + 1];
+    unsigned char bytes[CS_CACHE_KEY_LEN];
+} cs_cache_ref;
+
+static void cache_ref(const cs_key_t *key, const char *endpoint,
+                      const char *user_id, cs_cache_ref *ref)
+{
+    cs_cache_id(key, endpoint, user_id, ref->id);
+    cs_cache_key_bytes(ref->id, ref->bytes);
+}
+
+/* The shard of a reference, locked when its provider needs a lock. A lock
+ * fails in children of a generation a graceful restart has replaced: their
+ * cache is going away, so they do without it (returns -1). */
+static int shard_lock(const cs_cache_ref *ref)
+{
+    int shard = ref->bytes[CS_CACHE_KEY_LEN - 1] & (cs_g.shards - 1);
+    if (cs_g.cache_mutex[shard] &&
+        apr_global_mutex_lock(cs_g.cache_mutex[shard]) != APR_SUCCESS)
+        return -1;
+    return shard;
+}
+
+static void shard_unlock(int shard)
+{
+    if (cs_g.cache_mutex[shard])
+        apr_global_mutex_unlock(cs_g.cache_mutex[shard]);
 }
 
 /* The key entries are sealed with: per API key, or CardScanCacheSecret. */
@@ -766,16 +805,12 @@ static const cs_key_t *seal_key(const cs_key_t *key, cs_key_t *buf)
  * process's memory for CS_LOCAL_TTL after a shared-cache hit, without the
  * shared cache's lock or decryption. A copy is only ever an entry that was
  * just valid in the shared cache, and freshness is checked as there. */
-static cs_local_slot *local_slot(const char *id)
+static cs_local_slot *local_slot(const cs_cache_ref *ref)
 {
-    unsigned int h = 0;
-    for (int i = 0; i < 4; i++)
-        h = (h << 4) |
-            (unsigned int)(apr_isdigit(id[i]) ? id[i] - '0' : id[i] - 'a' + 10);
-    return &cs_g.local[h % CS_LOCAL_SLOTS];
+    return &cs_g.local[ref->bytes[1] % CS_LOCAL_SLOTS];
 }
 
-static int local_get(request_rec *r, const char *id, apr_time_t now,
+static int local_get(request_rec *r, const cs_cache_ref *ref, apr_time_t now,
                      apr_interval_time_t min_ttl, cs_entry_t *e)
 {
     cs_local_slot *slot;
@@ -783,9 +818,9 @@ static int local_get(request_rec *r, const char *id, apr_time_t now,
 
     if (!cs_g.local)
         return 0;
-    slot = local_slot(id);
+    slot = local_slot(ref);
     apr_thread_rwlock_rdlock(cs_g.local_lock);
-    if (now < slot->until && strcmp(slot->id, id) == 0 &&
+    if (now < slot->until && strcmp(slot->id, ref->id) == 0 &&
         cs_entry_fresh(&slot->e, now, min_ttl)) {
         *e = slot->e;
         e->body = apr_pstrmemdup(r->pool, slot->buf, slot->e.body_len);
@@ -795,62 +830,49 @@ static int local_get(request_rec *r, const char *id, apr_time_t now,
     return hit;
 }
 
-static void local_put(const char *id, const cs_entry_t *e, apr_time_t now)
+static void local_put(const cs_cache_ref *ref, const cs_entry_t *e,
+                      apr_time_t now)
 {
     cs_local_slot *slot;
 
     if (!cs_g.local || e->kind != CS_ENTRY_TOKEN ||
         e->body_len >= sizeof(slot->buf))
         return;
-    slot = local_slot(id);
+    slot = local_slot(ref);
     apr_thread_rwlock_wrlock(cs_g.local_lock);
     memcpy(slot->buf, e->body, e->body_len);
     slot->e = *e;
     slot->e.body = slot->buf;
-    memcpy(slot->id, id, CS_CACHE_ID_LEN + 1);
+    memcpy(slot->id, ref->id, CS_CACHE_ID_LEN + 1);
     slot->until = now + CS_LOCAL_TTL;
     apr_thread_rwlock_unlock(cs_g.local_lock);
 }
 
-static int cache_get(request_rec *r, const cs_key_t *key, const char *id,
-                     cs_entry_t *e)
+static int cache_get(request_rec *r, const cs_key_t *key,
+                     const cs_cache_ref *ref, cs_entry_t *e)
 {
-    unsigned char buf[CS_ENTRY_MAX], skey[CS_CACHE_KEY_LEN];
+    unsigned char buf[CS_ENTRY_MAX];
     unsigned int len = sizeof(buf);
     int shard;
     const char *err = NULL;
     cs_key_t tmp;
     apr_status_t rv;
 
-    if (!cache_usable())
+    if (!cache_usable() || (shard = shard_lock(ref)) < 0)
         return 0;
-    /* the lock fails in children of a generation a graceful restart has
-     * replaced: their cache is going away, so do without it */
-    cs_cache_key_bytes(id, skey);
-    shard = skey[CS_CACHE_KEY_LEN - 1] & (cs_g.shards - 1);
-    if (cs_g.cache_mutex[shard] &&
-        apr_global_mutex_lock(cs_g.cache_mutex[shard]) != APR_SUCCESS)
-        return 0;
-    rv = cs_g.cache->retrieve(cs_g.cache_inst[shard], r->server, skey,
+    rv = cs_g.cache->retrieve(cs_g.cache_inst[shard], r->server, ref->bytes,
                               CS_CACHE_KEY_LEN, buf, &len, r->pool);
-    if (cs_g.cache_mutex[shard])
-        apr_global_mutex_unlock(cs_g.cache_mutex[shard]);
+    shard_unlock(shard);
     if (rv != APR_SUCCESS) {
         if (!APR_STATUS_IS_NOTFOUND(rv))
             cache_failed(r, rv, "read");
         return 0;
     }
-    if (cs_entry_open(r->pool, seal_key(key, &tmp), id, buf, len, e, &err) !=
-        APR_SUCCESS) {
+    if (cs_entry_open(r->pool, seal_key(key, &tmp), ref->id, buf, len, e,
+                      &err) != APR_SUCCESS) {
         /* servers with different CardScanCacheSecret would keep replacing
-         * each other's entries: warn once a minute per process, not each
-         * time */
-        apr_time_t now = apr_time_now();
-        int level = now - cs_g.entry_warned >= CS_CACHE_WARN_INTERVAL
-                        ? APLOG_WARNING
-                        : APLOG_DEBUG;
-        if (level == APLOG_WARNING)
-            cs_g.entry_warned = now;
+         * each other's entries: not a warning per request */
+        int level = warn_level(&cs_g.entry_warned);
         ap_log_rerror(APLOG_MARK, level, 0, r,
                       APLOGNO(10511) "mod_cardscan: ignoring a cache entry: "
                                      "%s",
@@ -860,10 +882,11 @@ static int cache_get(request_rec *r, const cs_key_t *key, const char *id,
     return 1;
 }
 
-static void cache_put(request_rec *r, const cs_key_t *key, const char *id,
-                      const cs_entry_t *e, apr_time_t expiry)
+static void cache_put(request_rec *r, const cs_key_t *key,
+                      const cs_cache_ref *ref, const cs_entry_t *e,
+                      apr_time_t expiry)
 {
-    unsigned char *data, skey[CS_CACHE_KEY_LEN];
+    unsigned char *data;
     apr_size_t len;
     int shard;
     const char *err = NULL;
@@ -872,8 +895,8 @@ static void cache_put(request_rec *r, const cs_key_t *key, const char *id,
 
     if (!cache_usable())
         return;
-    if (cs_entry_seal(r->pool, seal_key(key, &tmp), id, e, &data, &len, &err) !=
-        APR_SUCCESS) {
+    if (cs_entry_seal(r->pool, seal_key(key, &tmp), ref->id, e, &data, &len,
+                      &err) != APR_SUCCESS) {
         ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
                       APLOGNO(10512) "mod_cardscan: %s", err);
         return;
@@ -886,16 +909,12 @@ static void cache_put(request_rec *r, const cs_key_t *key, const char *id,
                       len);
         return;
     }
-    cs_cache_key_bytes(id, skey);
-    shard = skey[CS_CACHE_KEY_LEN - 1] & (cs_g.shards - 1);
-    if (cs_g.cache_mutex[shard] &&
-        apr_global_mutex_lock(cs_g.cache_mutex[shard]) != APR_SUCCESS)
+    if ((shard = shard_lock(ref)) < 0)
         return;
-    rv = cs_g.cache->store(cs_g.cache_inst[shard], r->server, skey,
+    rv = cs_g.cache->store(cs_g.cache_inst[shard], r->server, ref->bytes,
                            CS_CACHE_KEY_LEN, expiry, data, (unsigned int)len,
                            r->pool);
-    if (cs_g.cache_mutex[shard])
-        apr_global_mutex_unlock(cs_g.cache_mutex[shard]);
+    shard_unlock(shard);
     if (rv == APR_SUCCESS)
         cs_g.cache_pause = 0;
     else if (APR_STATUS_IS_ENOSPC(rv)) /* a full shmcb: just not cached */
@@ -957,12 +976,9 @@ static int retry_after_seconds(const char *v)
 
 /* ---------------------------------------------------------------- handler */
 
-static apr_global_mutex_t *flight_mutex(const char *id)
+static apr_global_mutex_t *flight_mutex(const cs_cache_ref *ref)
 {
-    unsigned int h = 0;
-    for (int i = 0; i < 8; i++)
-        h = (h << 4) |
-            (unsigned int)(apr_isdigit(id[i]) ? id[i] - '0' : id[i] - 'a' + 10);
+    unsigned int h = ((unsigned int)ref->bytes[0] << 8) | ref->bytes[2];
     return cs_g.flight[h % CS_FLIGHT_STRIPES];
 }
 
@@ -1131,7 +1147,7 @@ static int cs_session_handler(request_rec *r)
     cs_dir_conf *d;
     cs_srv_conf *sc;
     const char *user_id, *endpoint, *err = NULL;
-    char id[CS_CACHE_ID_LEN + 1];
+    cs_cache_ref ref;
     cs_entry_t e;
     cs_breaker_t *breaker;
     apr_global_mutex_t *flight;
@@ -1204,11 +1220,12 @@ static int cs_session_handler(request_rec *r)
     }
 
     endpoint = effective_endpoint(d);
-    cs_cache_id(d->key, endpoint, user_id, id);
+    cache_ref(d->key, endpoint, user_id, &ref);
     now = apr_time_now();
-    if (local_get(r, id, now, d->min_ttl, &e) ||
-        (cache_get(r, d->key, id, &e) && cs_entry_fresh(&e, now, d->min_ttl) &&
-         (local_put(id, &e, now), 1))) {
+    if (local_get(r, &ref, now, d->min_ttl, &e) ||
+        (cache_get(r, d->key, &ref, &e) &&
+         cs_entry_fresh(&e, now, d->min_ttl) &&
+         (local_put(&ref, &e, now), 1))) {
         cs_metrics_cache(cs_g.metrics, 1);
         return send_entry(r, &e, CS_OUT_HIT);
     }
@@ -1217,7 +1234,7 @@ static int cs_session_handler(request_rec *r)
     /* Single flight: one request per user (stripe) calls the API; the
      * others wait on the stripe, then find its result in the cache. */
     sc = ap_get_module_config(r->server->module_config, &cardscan_module);
-    flight = flight_mutex(id);
+    flight = flight_mutex(&ref);
     wait_start = apr_time_now();
     rv = apr_global_mutex_trylock(flight);
     if (APR_STATUS_IS_EBUSY(rv)) {
@@ -1240,7 +1257,7 @@ static int cs_session_handler(request_rec *r)
                                      "failed; calling the API without it");
         flight = NULL;
     }
-    else if (cache_get(r, d->key, id, &e) &&
+    else if (cache_get(r, d->key, &ref, &e) &&
              (cs_entry_fresh(&e, apr_time_now(), d->min_ttl) ||
               (e.kind == CS_ENTRY_FAILURE && e.created >= wait_start))) {
         apr_global_mutex_unlock(flight);
@@ -1262,9 +1279,9 @@ static int cs_session_handler(request_rec *r)
 
     fetch_token(r, d, endpoint, user_id, breaker, &e);
     if (e.kind == CS_ENTRY_TOKEN && e.expires)
-        cache_put(r, d->key, id, &e, e.expires);
+        cache_put(r, d->key, &ref, &e, e.expires);
     else if (e.kind == CS_ENTRY_FAILURE)
-        cache_put(r, d->key, id, &e, e.created + CS_FAILURE_TTL);
+        cache_put(r, d->key, &ref, &e, e.created + CS_FAILURE_TTL);
     if (flight)
         apr_global_mutex_unlock(flight);
     return send_entry(r, &e, CS_OUT_FETCHED);
