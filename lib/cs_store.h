@@ -1,0 +1,94 @@
+/*
+ * mod_cardscan token stores: where sealed entries live. One interface for
+ * every backend, so the serving path never knows which one it talks to:
+ * shmcb through httpd's socache for one server (in mod_cardscan.c, which
+ * owns the httpd side), Redis (hiredis) and memcached (libmemcached) for a
+ * fleet (lib/cs_store_redis.c, lib/cs_store_memcache.c).
+ *
+ * Every operation takes an absolute deadline (apr_time_t): past it the
+ * operation gives up with APR_TIMEUP and the caller goes on as if the store
+ * had missed. Operations are called from many threads of one process at
+ * once (worker and event MPMs, the refresh threads): a backend keeps its
+ * own per-process connections and is safe to call concurrently. A backend
+ * never connects in the parent process: connections are opened lazily, in
+ * the child that uses them.
+ *
+ * Status convention: APR_SUCCESS; APR_NOTFOUND (get: no entry);
+ * APR_EEXIST (add: the key exists); APR_TIMEUP (deadline passed);
+ * APR_EACCES (the server refused our credentials: the caller names it once
+ * in the error log); any other
+ * status is a failure, with *err set to a message safe to log (never a
+ * secret, never an entry's content).
+ */
+#ifndef CS_STORE_H
+#define CS_STORE_H
+
+#include <apr_pools.h>
+#include <apr_time.h>
+
+/* The largest value a store is asked to hold. */
+#define CS_STORE_VALUE_MAX (16 * 1024)
+
+typedef struct cs_store cs_store_t;
+
+typedef struct cs_store_ops {
+    const char *name; /* "shmcb", "redis", "memcache" */
+
+    /* Reads the value of id into buf (capacity *len); *len is set to its
+     * length. APR_NOTFOUND when absent or expired. */
+    apr_status_t (*get)(cs_store_t *st, const unsigned char *id,
+                        apr_size_t idlen, unsigned char *buf, apr_size_t *len,
+                        apr_time_t deadline, apr_pool_t *p, const char **err);
+
+    /* Stores (replaces) the value of id until `expiry` (absolute). */
+    apr_status_t (*put)(cs_store_t *st, const unsigned char *id,
+                        apr_size_t idlen, const unsigned char *val,
+                        apr_size_t len, apr_time_t expiry, apr_time_t deadline,
+                        apr_pool_t *p, const char **err);
+
+    /* Stores val under id only if id holds nothing (Redis SET NX PX,
+     * memcached add): APR_SUCCESS when stored, APR_EEXIST when another
+     * value is there. The value lives until `expiry`. This is the lock of
+     * single flight: it must be atomic across every process and server
+     * that shares the store. */
+    apr_status_t (*add)(cs_store_t *st, const unsigned char *id,
+                        apr_size_t idlen, const unsigned char *val,
+                        apr_size_t len, apr_time_t expiry, apr_time_t deadline,
+                        apr_pool_t *p, const char **err);
+
+    /* Removes id if it still holds exactly val (a lock released by its
+     * owner only; a backend that cannot compare atomically compares and
+     * then removes). APR_SUCCESS also when id is absent or holds another
+     * value. */
+    apr_status_t (*release)(cs_store_t *st, const unsigned char *id,
+                            apr_size_t idlen, const unsigned char *val,
+                            apr_size_t len, apr_time_t deadline, apr_pool_t *p,
+                            const char **err);
+} cs_store_ops_t;
+
+struct cs_store {
+    const cs_store_ops_t *ops;
+    void *impl;
+};
+
+/* ------------------------------------------------------- fleet backends */
+
+/* Options shared by the fleet backends. */
+typedef struct cs_store_opts {
+    apr_interval_time_t timeout; /* connect and each operation, at most */
+    const char *username;        /* Redis ACL user, or NULL */
+    const char *password;        /* Redis AUTH secret, or NULL: never log */
+} cs_store_opts_t;
+
+/* "host:port[,host:port...][/db]" (Redis; db defaults to 0) and
+ * "host:port[,host:port...]" (memcached), as given after "redis:" or
+ * "memcache:" in CardScanCache. The spec is checked and the store made in
+ * the parent (no connection yet); p must live as long as the store. */
+apr_status_t cs_store_redis_create(apr_pool_t *p, const char *spec,
+                                   const cs_store_opts_t *opts,
+                                   cs_store_t **st, const char **err);
+apr_status_t cs_store_memcache_create(apr_pool_t *p, const char *spec,
+                                      const cs_store_opts_t *opts,
+                                      cs_store_t **st, const char **err);
+
+#endif /* CS_STORE_H */
