@@ -41,6 +41,14 @@ apr_status_t cs_key_parse(apr_pool_t *p, const char *secret, cs_key_t **key,
 apr_status_t cs_key_load(apr_pool_t *p, const char *spec, cs_key_t **key,
                          const char **warning, const char **err);
 
+/* Reads a secret given as "file:/path" (read now: at start-up, as root),
+ * "env:NAME" or a literal. `what` names it in messages ("API key", "cache
+ * password"); *from_file is set when *secret is a copy the caller may
+ * cleanse. *warning as for cs_key_load. Never puts the secret in *err. */
+apr_status_t cs_secret_load(apr_pool_t *p, const char *spec, const char *what,
+                            char **secret, int *from_file, const char **warning,
+                            const char **err);
+
 /* The masked form of any string given as a key: prefix, ellipsis, last 4. */
 const char *cs_key_mask(apr_pool_t *p, const char *secret);
 

@@ -1,10 +1,8 @@
-/* API keys: format checks, loading from file:/env:, masking, and the
+/* API keys: format checks, loading (lib/cs_secret.c), masking, and the
  * secrets derived from a key for the cache. */
 #include "cardscan.h"
 
 #include <apr_lib.h>
-#include <apr_env.h>
-#include <apr_file_io.h>
 #include <apr_strings.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -23,7 +21,6 @@ static const struct {
 
 #define KEY_MIN_SUFFIX 8
 #define KEY_MAX_LEN 512
-#define KEY_FILE_MAX 4096
 
 static apr_size_t key_prefix_len(const char *s, cs_key_mode_e *mode)
 {
@@ -110,88 +107,16 @@ void cs_key_set_seal_secret(cs_key_t *key, const void *secret, apr_size_t len)
     derive(secret, len, "mod_cardscan cache seal v1", key->seal_key);
 }
 
-static apr_status_t read_key_file(apr_pool_t *p, const char *path, char **out,
-                                  const char **warning, const char **err)
-{
-    apr_file_t *f;
-    apr_finfo_t fi;
-    apr_size_t n;
-    char buf[KEY_FILE_MAX + 1];
-    apr_status_t rv;
-
-    rv = apr_stat(&fi, path, APR_FINFO_TYPE | APR_FINFO_PROT, p);
-    if (rv == APR_SUCCESS && fi.filetype != APR_REG) {
-        *err =
-            apr_psprintf(p, "the API key file %s is not a regular file", path);
-        return APR_EINVAL;
-    }
-    rv = apr_file_open(&f, path, APR_FOPEN_READ, APR_FPROT_OS_DEFAULT, p);
-    if (rv != APR_SUCCESS) {
-        char msg[120];
-        *err = apr_psprintf(p,
-                            "cannot read the API key file %s: %s (it is read "
-                            "once at start-up, as root)",
-                            path, apr_strerror(rv, msg, sizeof(msg)));
-        return rv;
-    }
-    rv = apr_file_read_full(f, buf, KEY_FILE_MAX, &n);
-    apr_file_close(f);
-    if (rv != APR_SUCCESS && rv != APR_EOF) {
-        *err = apr_psprintf(p, "cannot read the API key file %s", path);
-        return rv;
-    }
-    if (n == KEY_FILE_MAX) {
-        *err = apr_psprintf(p, "the API key file %s is too large", path);
-        return APR_EINVAL;
-    }
-    /* Tolerate the trailing newline editors add, and surrounding blanks. */
-    while (n > 0 && apr_isspace(buf[n - 1]))
-        n--;
-    buf[n] = '\0';
-    {
-        const char *s = buf;
-        while (apr_isspace(*s))
-            s++;
-        *out = apr_pstrdup(p, s);
-    }
-    OPENSSL_cleanse(buf, sizeof(buf));
-    if (fi.valid & APR_FINFO_PROT && fi.protection & APR_WREAD)
-        *warning = apr_psprintf(p,
-                                "the API key file %s is readable by every "
-                                "user of this machine: chmod 600 (or 640 "
-                                "with group root) is enough for Apache",
-                                path);
-    return APR_SUCCESS;
-}
-
 apr_status_t cs_key_load(apr_pool_t *p, const char *spec, cs_key_t **key,
                          const char **warning, const char **err)
 {
     char *secret = NULL;
-    int from_file = 0;
+    int from_file;
     apr_status_t rv;
 
-    *warning = NULL;
-    if (strncmp(spec, "file:", 5) == 0) {
-        rv = read_key_file(p, spec + 5, &secret, warning, err);
-        if (rv != APR_SUCCESS)
-            return rv;
-        from_file = 1;
-    }
-    else if (strncmp(spec, "env:", 4) == 0) {
-        rv = apr_env_get(&secret, spec + 4, p);
-        if (rv != APR_SUCCESS || !secret || !*secret) {
-            *err = apr_psprintf(p,
-                                "the environment variable %s holding the API "
-                                "key is not set in Apache's environment (on "
-                                "Debian: /etc/apache2/envvars)",
-                                spec + 4);
-            return APR_EINVAL;
-        }
-    }
-    else {
-        secret = (char *)spec;
-    }
+    rv = cs_secret_load(p, spec, "API key", &secret, &from_file, warning, err);
+    if (rv != APR_SUCCESS)
+        return rv;
     rv = cs_key_parse(p, secret, key, err);
     /* the parsed key keeps its own copy; the environment's stays as is */
     if (from_file)

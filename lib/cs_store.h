@@ -80,13 +80,20 @@ typedef struct cs_store_opts {
     const char *password;        /* Redis AUTH secret, or NULL: never log */
 } cs_store_opts_t;
 
+/* CardScanCacheAuth [username] secret: a1 is the secret when a2 is NULL,
+ * else the username. The secret is loaded with cs_secret_load
+ * (lib/cardscan.h): "file:/path", "env:NAME" or a literal; never empty. */
+apr_status_t cs_store_auth_load(apr_pool_t *p, const char *a1, const char *a2,
+                                const char **username, const char **password,
+                                const char **warning, const char **err);
+
 /* "host:port[,host:port...][/db]" (Redis; db defaults to 0) and
  * "host:port[,host:port...]" (memcached), as given after "redis:" or
  * "memcache:" in CardScanCache. The spec is checked and the store made in
  * the parent (no connection yet); p must live as long as the store. */
 apr_status_t cs_store_redis_create(apr_pool_t *p, const char *spec,
-                                   const cs_store_opts_t *opts,
-                                   cs_store_t **st, const char **err);
+                                   const cs_store_opts_t *opts, cs_store_t **st,
+                                   const char **err);
 apr_status_t cs_store_memcache_create(apr_pool_t *p, const char *spec,
                                       const cs_store_opts_t *opts,
                                       cs_store_t **st, const char **err);

@@ -4,7 +4,8 @@
 
 # Building the module, its unit tests and the bundled CardScan mock.
 CS_BUILD_PACKAGES="build-essential autoconf automake libtool pkg-config apache2 apache2-dev
-libcurl4-openssl-dev libcjson-dev libssl-dev check openssl curl"
+libcurl4-openssl-dev libcjson-dev libssl-dev libhiredis-dev libmemcached-dev
+check openssl curl"
 # shellcheck disable=SC2034 # used by scripts/test
 # Running the whole test suite: the above plus sanitizers, valgrind, the
 # Python integration tests, the shared-cache backends and a browser.

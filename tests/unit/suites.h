@@ -13,11 +13,16 @@ Suite *reply_suite(void);
 Suite *cache_suite(void);
 Suite *upstream_suite(void);
 Suite *breaker_suite(void);
+Suite *store_suite(void);
+Suite *secret_suite(void);
 
 /* a fresh pool per test, destroyed by the fixture */
 extern apr_pool_t *tp;
 void pool_setup(void);
 void pool_teardown(void);
+
+/* a new file in /tmp holding content, with that mode; the test unlinks it */
+const char *write_temp_file(const char *content, int mode);
 
 /* a JWT with the given payload JSON, unsigned */
 const char *make_jwt(apr_pool_t *p, const char *payload_json);

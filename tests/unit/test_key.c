@@ -79,23 +79,11 @@ START_TEST(derived_secrets_differ_per_key)
 }
 END_TEST
 
-static const char *write_key_file(const char *content, int mode)
-{
-    char *path = apr_pstrdup(tp, "/tmp/cs-key-XXXXXX");
-    int fd = mkstemp(path);
-    ck_assert_int_ge(fd, 0);
-    ck_assert_int_eq(write(fd, content, strlen(content)),
-                     (ssize_t)strlen(content));
-    close(fd);
-    chmod(path, (mode_t)mode);
-    return path;
-}
-
 START_TEST(loads_from_file)
 {
     cs_key_t *k;
     const char *warn, *err = NULL;
-    const char *path = write_key_file("  " TEST_KEY "\n", 0600);
+    const char *path = write_temp_file("  " TEST_KEY "\n", 0600);
     ck_assert_int_eq(
         cs_key_load(tp, apr_pstrcat(tp, "file:", path, NULL), &k, &warn, &err),
         APR_SUCCESS);
@@ -103,7 +91,7 @@ START_TEST(loads_from_file)
     ck_assert_ptr_null(warn);
     unlink(path);
 
-    path = write_key_file(TEST_KEY, 0644);
+    path = write_temp_file(TEST_KEY, 0644);
     ck_assert_int_eq(
         cs_key_load(tp, apr_pstrcat(tp, "file:", path, NULL), &k, &warn, &err),
         APR_SUCCESS);
@@ -149,7 +137,7 @@ START_TEST(bad_key_in_file_is_refused)
 {
     cs_key_t *k;
     const char *warn, *err = NULL;
-    const char *path = write_key_file("not a key\n", 0600);
+    const char *path = write_temp_file("not a key\n", 0600);
     ck_assert_int_ne(
         cs_key_load(tp, apr_pstrcat(tp, "file:", path, NULL), &k, &warn, &err),
         APR_SUCCESS);

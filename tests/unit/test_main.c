@@ -5,6 +5,8 @@
 #include <apr_strings.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "lib/cardscan.h"
 
@@ -19,6 +21,18 @@ void pool_teardown(void)
 {
     apr_pool_destroy(tp);
     tp = NULL;
+}
+
+const char *write_temp_file(const char *content, int mode)
+{
+    char *path = apr_pstrdup(tp, "/tmp/cs-unit-XXXXXX");
+    int fd = mkstemp(path);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(write(fd, content, strlen(content)),
+                     (ssize_t)strlen(content));
+    close(fd);
+    chmod(path, (mode_t)mode);
+    return path;
 }
 
 static char *b64url(apr_pool_t *p, const char *s)
@@ -62,6 +76,8 @@ int main(void)
     srunner_add_suite(sr, cache_suite());
     srunner_add_suite(sr, upstream_suite());
     srunner_add_suite(sr, breaker_suite());
+    srunner_add_suite(sr, store_suite());
+    srunner_add_suite(sr, secret_suite());
     srunner_run_all(sr, CK_NORMAL);
     failed = srunner_ntests_failed(sr);
     srunner_free(sr);
