@@ -85,8 +85,8 @@ typedef struct cs_store_opts {
  * "memcache:" in CardScanCache. The spec is checked and the store made in
  * the parent (no connection yet); p must live as long as the store. */
 apr_status_t cs_store_redis_create(apr_pool_t *p, const char *spec,
-                                   const cs_store_opts_t *opts,
-                                   cs_store_t **st, const char **err);
+                                   const cs_store_opts_t *opts, cs_store_t **st,
+                                   const char **err);
 apr_status_t cs_store_memcache_create(apr_pool_t *p, const char *spec,
                                       const cs_store_opts_t *opts,
                                       cs_store_t **st, const char **err);
