@@ -11,6 +11,7 @@
 #include "http_config.h"
 #include "http_core.h"
 #include "http_log.h"
+#include "http_main.h"
 #include "http_protocol.h"
 #include "http_request.h"
 #include "ap_expr.h"
@@ -26,17 +27,25 @@
 #include "apr_thread_rwlock.h"
 #include "apr_strings.h"
 
-#include "lib/cardscan.h"
+#include "apr_thread_pool.h"
 
+#include "lib/cardscan.h"
+#include "lib/cs_store.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
 #include <string.h>
+#include <unistd.h>
 
 module AP_MODULE_DECLARE_DATA cardscan_module;
 
 #define CS_HANDLER "cardscan-session"
 #define CS_METRICS_HANDLER "cardscan-metrics"
 #define CS_CACHE_MUTEX "cardscan-cache"
+/* registered only so that configurations naming it keep working: single
+ * flight is now a lock in the token store */
 #define CS_FLIGHT_MUTEX "cardscan-flight"
-#define CS_FLIGHT_STRIPES 128
 #define CS_MAX_BODY (64 * 1024)
 #define CS_ENTRY_MAX (16 * 1024)
 #define CS_DEFAULT_SHMCB_SIZE (48 * 1024 * 1024)
@@ -56,9 +65,14 @@ module AP_MODULE_DECLARE_DATA cardscan_module;
 /* Shared state kept across graceful restarts is found again by these keys;
  * the version and layout size are part of them, so that a newer module
  * loaded by a graceful reload makes its own instead of misreading the old. */
-#define CS_STATE_TAG CS_VERSION "/" APR_STRINGIFY(CS_FLIGHT_STRIPES)
+#define CS_STATE_TAG CS_VERSION "/2"
 #define CS_SHM_KEY "mod_cardscan metrics " CS_STATE_TAG
-#define CS_FLIGHT_KEY "mod_cardscan flight " CS_STATE_TAG
+/* the shmcb entries carried over a graceful restart */
+#define CS_CARRY_KEY "mod_cardscan carried entries " CS_STATE_TAG
+#define CS_DEFAULT_STORE_TIMEOUT apr_time_from_msec(250)
+#define CS_REFRESH_THREADS 2 /* per process */
+#define CS_REFRESH_QUEUE 256 /* refreshes waiting in a process, at most */
+#define CS_REFRESH_SLOTS 64  /* users refreshed lately, per process */
 
 /* Per-directory (and per-server defaults, via lookup_defaults) settings. */
 typedef struct {
@@ -66,7 +80,8 @@ typedef struct {
     const char *endpoint;    /* normalised; NULL: from the key */
     ap_expr_info_t *user_id; /* NULL: REMOTE_USER */
     apr_interval_time_t min_ttl;
-    unsigned int min_ttl_set : 1;
+    int refresh_pct; /* CardScanRefreshAhead: 0 off */
+    unsigned int min_ttl_set : 1, refresh_set : 1;
 } cs_dir_conf;
 
 /* Per-server settings of the upstream exchange. */
@@ -86,6 +101,12 @@ typedef struct {
     char buf[CS_ENTRY_MAX];
 } cs_local_slot;
 
+/* Users this process started a refresh for lately. */
+typedef struct {
+    unsigned char id[CS_CACHE_KEY_LEN];
+    apr_time_t until;
+} cs_refresh_slot;
+
 /* Process-wide state: the cache, its mutexes and the upstream client. */
 static struct {
     const char *cache_spec; /* CardScanCache as given, NULL: default */
@@ -96,9 +117,17 @@ static struct {
     ap_socache_instance_t *cache_inst[CS_CACHE_SHARDS];
     apr_global_mutex_t *cache_mutex[CS_CACHE_SHARDS]; /* if the provider
                                                          needs one */
-    apr_global_mutex_t *flight[CS_FLIGHT_STRIPES];
-    cs_upstream_t *upstream; /* per child, from child_init */
-    cs_local_slot *local;    /* per child: CS_LOCAL_SLOTS copies of hits */
+    cs_store_t *store;                                /* NULL: no cache */
+    cs_store_t shmcb_store;            /* the store over the shards above */
+    apr_interval_time_t store_timeout; /* deadline of a store operation */
+    cs_upstream_t *upstream;           /* per child, from child_init */
+    apr_thread_pool_t *refresher;      /* per child: refresh-ahead threads */
+    apr_thread_mutex_t *refresh_lock;
+    cs_refresh_slot refresh_slots[CS_REFRESH_SLOTS];
+    int refresh_failing;  /* the last refresh of this process failed */
+    int auth_warned;      /* the store refused our credentials, logged */
+    char host_tag[64];    /* this machine, in lock values */
+    cs_local_slot *local; /* per child: CS_LOCAL_SLOTS copies of hits */
     apr_thread_rwlock_t *local_lock;
     cs_metrics_t *metrics; /* shared memory, kept across restarts */
     apr_uint32_t breaker_failures;
@@ -107,8 +136,6 @@ static struct {
     unsigned char seal_key[CS_SECRET_LEN];
     apr_time_t cache_warned; /* last cache-outage warning of this process */
     apr_time_t entry_warned; /* last unreadable-entry warning */
-    apr_time_t cache_pause_until;    /* per process: cache unreachable */
-    apr_interval_time_t cache_pause; /* current back-off, 0 when healthy */
 } cs_g;
 
 /* ---------------------------------------------------------- configuration */
@@ -118,6 +145,7 @@ static void *create_dir_conf(apr_pool_t *p, char *dir)
     cs_dir_conf *d = apr_pcalloc(p, sizeof(*d));
     (void)dir;
     d->min_ttl = CS_DEFAULT_MIN_TTL;
+    d->refresh_pct = CS_REFRESH_PCT_DEFAULT;
     return d;
 }
 
@@ -129,6 +157,8 @@ static void *merge_dir_conf(apr_pool_t *p, void *basev, void *addv)
     d->user_id = add->user_id ? add->user_id : base->user_id;
     d->min_ttl = add->min_ttl_set ? add->min_ttl : base->min_ttl;
     d->min_ttl_set = add->min_ttl_set || base->min_ttl_set;
+    d->refresh_pct = add->refresh_set ? add->refresh_pct : base->refresh_pct;
+    d->refresh_set = add->refresh_set || base->refresh_set;
     return d;
 }
 
@@ -380,6 +410,30 @@ static const char *set_min_ttl(cmd_parms *cmd, void *mconfig, const char *arg)
     return NULL;
 }
 
+static const char *set_refresh(cmd_parms *cmd, void *mconfig, const char *arg)
+{
+    cs_dir_conf *d = mconfig;
+    char *end;
+    apr_int64_t v;
+
+    if (strcasecmp(arg, "on") == 0)
+        v = CS_REFRESH_PCT_DEFAULT;
+    else if (strcasecmp(arg, "off") == 0)
+        v = 0;
+    else {
+        v = apr_strtoi64(arg, &end, 10);
+        if (end == arg || (*end && strcmp(end, "%") != 0) || v < 1 || v > 50)
+            return apr_psprintf(cmd->pool,
+                                "CardScanRefreshAhead: '%s' is not on, off or "
+                                "a percentage of the serving time from 1%% "
+                                "to 50%%",
+                                arg);
+    }
+    d->refresh_pct = (int)v;
+    d->refresh_set = 1;
+    return NULL;
+}
+
 static const command_rec cs_cmds[] = {
     AP_INIT_TAKE1("CardScanAPIKey", set_api_key, NULL, RSRC_CONF | ACCESS_CONF,
                   "the CardScan API key: the key itself, file:/path or "
@@ -403,6 +457,11 @@ static const command_rec cs_cmds[] = {
                   RSRC_CONF | ACCESS_CONF,
                   "seconds of life a cached token must have left to be "
                   "served (default 60)"),
+    AP_INIT_TAKE1("CardScanRefreshAhead", set_refresh, NULL,
+                  RSRC_CONF | ACCESS_CONF,
+                  "on, off, or the last percent of a token's serving time in "
+                  "which a request refreshes it in the background (default "
+                  "on: 25%)"),
     AP_INIT_TAKE1("CardScanCacheSecret", set_cache_secret, NULL, RSRC_CONF,
                   "file:/path holding the secret that seals cache entries "
                   "(default: derived from the API key)"),
@@ -410,6 +469,483 @@ static const command_rec cs_cmds[] = {
                    "consecutive failures that stop calls to the API, and "
                    "for how many seconds (default 5 10)"),
     {NULL}};
+
+/* ------------------------------------------------------------------ store */
+
+/* Warnings that could repeat on every request are logged at most once per
+ * CS_CACHE_WARN_INTERVAL per process (at debug in between). */
+static int warn_level(apr_time_t *last)
+{
+    apr_time_t now = apr_time_now();
+    if (now - *last < CS_CACHE_WARN_INTERVAL)
+        return APLOG_DEBUG;
+    *last = now;
+    return APLOG_WARNING;
+}
+
+typedef struct {
+    char id[CS_CACHE_ID_LEN + 1];
+    unsigned char bytes[CS_CACHE_KEY_LEN];
+} cs_cache_ref;
+
+/* One user's request for a token, as the request handler and the refresh
+ * threads both carry it out: who, where, and how to log. */
+typedef struct {
+    request_rec *r; /* NULL in a refresh thread */
+    server_rec *s;
+    apr_pool_t *p;
+    const cs_dir_conf *d;
+    const cs_srv_conf *sc;
+    const char *endpoint, *user_id;
+    cs_cache_ref ref;
+    cs_policy_t policy;
+    char owner[64];             /* this call's value of the user's lock */
+    apr_interval_time_t called; /* time spent calling the API, if it did */
+} cs_call;
+
+/* Logs for a call: against the request when there is one. */
+static void call_log(const cs_call *c, int level, apr_status_t rv,
+                     const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void call_log(const cs_call *c, int level, apr_status_t rv,
+                     const char *fmt, ...)
+{
+    va_list ap;
+    const char *msg;
+
+    if (c->r ? !APLOG_R_IS_LEVEL(c->r, level) : !APLOG_IS_LEVEL(c->s, level))
+        return;
+    va_start(ap, fmt);
+    msg = apr_pvsprintf(c->p, fmt, ap);
+    va_end(ap);
+    if (c->r)
+        ap_log_rerror(APLOG_MARK, level, rv, c->r, "%s", msg);
+    else
+        ap_log_error(APLOG_MARK, level, rv, c->s, "%s", msg);
+}
+
+/* A store that failed or passed its deadline is left alone for a while,
+ * doubling from 2 s to 60 s, by every child (the state is in shared
+ * memory): requests call the API meanwhile, and none waits on the store
+ * again until the pause is over. A lost update between two processes only
+ * changes when the next attempt happens. */
+static void store_failed(const cs_call *c, apr_status_t rv, const char *what,
+                         const char *err)
+{
+    /* computed once: ap_log_rerror is a macro that evaluates it twice */
+    int level = warn_level(&cs_g.cache_warned);
+    apr_int64_t pause = 0;
+    cs_metrics_t *m = cs_g.metrics;
+
+    if (m) {
+        pause = __atomic_load_n(&m->store_pause, __ATOMIC_RELAXED);
+        pause = pause ? 2 * pause : CS_CACHE_PAUSE_MIN;
+        if (pause > CS_CACHE_PAUSE_MAX)
+            pause = CS_CACHE_PAUSE_MAX;
+        __atomic_store_n(&m->store_pause, pause, __ATOMIC_RELAXED);
+        __atomic_store_n(&m->store_pause_until, apr_time_now() + pause,
+                         __ATOMIC_RELEASE);
+        __atomic_add_fetch(&m->store_errors, 1, __ATOMIC_RELAXED);
+    }
+    if (APR_STATUS_IS_EACCES(rv)) {
+        /* wrong credentials: named once per process, the fix is in the
+         * configuration */
+        level = cs_g.auth_warned ? APLOG_DEBUG : APLOG_ERR;
+        cs_g.auth_warned = 1;
+    }
+    call_log(c, level, rv,
+             APLOGNO(10527) "mod_cardscan: the token cache failed to %s "
+                            "(%s%s%s); calling the CardScan API directly for "
+                            "the next %" APR_TIME_T_FMT " s",
+             what, cs_g.store->ops->name, err ? ": " : "", err ? err : "",
+             apr_time_sec(pause));
+}
+
+static void store_ok(void)
+{
+    if (cs_g.metrics &&
+        __atomic_load_n(&cs_g.metrics->store_pause, __ATOMIC_RELAXED))
+        __atomic_store_n(&cs_g.metrics->store_pause, 0, __ATOMIC_RELAXED);
+}
+
+static int store_usable(void)
+{
+    return cs_g.store &&
+           (!cs_g.metrics ||
+            apr_time_now() >= __atomic_load_n(&cs_g.metrics->store_pause_until,
+                                              __ATOMIC_ACQUIRE));
+}
+
+static apr_time_t store_deadline(void)
+{
+    return apr_time_now() + cs_g.store_timeout;
+}
+
+/* One user's place in the caches, computed once per request: the hex id
+ * (bound into sealed entries) and its bytes, which pick the store ids, the
+ * shard and the per-process slot. */
+static void cache_ref(const cs_key_t *key, const char *endpoint,
+                      const char *user_id, cs_cache_ref *ref)
+{
+    cs_cache_id(key, endpoint, user_id, ref->id);
+    cs_cache_key_bytes(ref->id, ref->bytes);
+}
+
+/* The key entries are sealed with: per API key, or CardScanCacheSecret. */
+static const cs_key_t *seal_key(const cs_key_t *key, cs_key_t *buf)
+{
+    if (!cs_g.seal_secret_set)
+        return key;
+    *buf = *key;
+    memcpy(buf->seal_key, cs_g.seal_key, CS_SECRET_LEN);
+    return buf;
+}
+
+/* The sealed id of an entry kind: the hex id and the kind's tag, so that a
+ * token can never be opened as a failure or the reverse. */
+static const char *entry_aad(const cs_call *c, cs_id_kind_e kind)
+{
+    return kind == CS_ID_TOKEN ? c->ref.id
+                               : apr_psprintf(c->p, "%s/%c", c->ref.id, kind);
+}
+
+/* Reads one of the user's entries (token or failure). */
+static int store_get(cs_call *c, cs_id_kind_e kind, cs_entry_t *e)
+{
+    unsigned char id[CS_STORE_ID_LEN], buf[CS_ENTRY_MAX];
+    apr_size_t len = sizeof(buf);
+    const char *err = NULL;
+    cs_key_t tmp;
+    apr_status_t rv;
+
+    if (!store_usable())
+        return 0;
+    cs_store_id(c->ref.bytes, kind, id);
+    rv = cs_g.store->ops->get(cs_g.store, id, sizeof(id), buf, &len,
+                              store_deadline(), c->p, &err);
+    if (rv != APR_SUCCESS) {
+        if (!APR_STATUS_IS_NOTFOUND(rv) && rv != APR_ENOLOCK)
+            store_failed(c, rv, "read", err);
+        return 0;
+    }
+    if (cs_entry_open(c->p, seal_key(c->d->key, &tmp), entry_aad(c, kind), buf,
+                      len, e, &err) != APR_SUCCESS) {
+        /* servers with different CardScanCacheSecret would keep replacing
+         * each other's entries: not a warning per request */
+        int level = warn_level(&cs_g.entry_warned);
+        call_log(c, level, 0,
+                 APLOGNO(10511) "mod_cardscan: ignoring a cache entry: %s",
+                 err);
+        return 0;
+    }
+    return (kind == CS_ID_TOKEN) == (e->kind == CS_ENTRY_TOKEN);
+}
+
+/* Stores one of the user's entries until `expiry`. */
+static void store_put(cs_call *c, cs_id_kind_e kind, const cs_entry_t *e,
+                      apr_time_t expiry)
+{
+    unsigned char id[CS_STORE_ID_LEN], *data;
+    apr_size_t len;
+    const char *err = NULL;
+    cs_key_t tmp;
+    apr_status_t rv;
+
+    if (!store_usable())
+        return;
+    if (cs_entry_seal(c->p, seal_key(c->d->key, &tmp), entry_aad(c, kind), e,
+                      &data, &len, &err) != APR_SUCCESS) {
+        call_log(c, APLOG_ERR, 0, APLOGNO(10512) "mod_cardscan: %s", err);
+        return;
+    }
+    if (len > CS_ENTRY_MAX) {
+        call_log(c, APLOG_WARNING, 0,
+                 APLOGNO(10513) "mod_cardscan: a token reply of "
+                                "%" APR_SIZE_T_FMT
+                                " bytes is too large to cache",
+                 len);
+        return;
+    }
+    cs_store_id(c->ref.bytes, kind, id);
+    rv = cs_g.store->ops->put(cs_g.store, id, sizeof(id), data, len, expiry,
+                              store_deadline(), c->p, &err);
+    if (rv == APR_SUCCESS)
+        store_ok();
+    else if (APR_STATUS_IS_ENOSPC(rv)) /* a full shmcb: just not cached */
+        call_log(c, APLOG_DEBUG, rv,
+                 APLOGNO(10514) "mod_cardscan: the token cache has no room "
+                                "for this entry");
+    else if (rv != APR_ENOLOCK)
+        store_failed(c, rv, "store", err);
+}
+
+/* The user's call lock, the single flight of every process (and, with a
+ * fleet cache, every server) that shares the store. It lives no longer
+ * than one call could, so that a holder that died costs at most that. */
+typedef enum { CS_LOCK_NONE, CS_LOCK_HELD, CS_LOCK_BUSY } cs_lock_e;
+
+static apr_interval_time_t lock_life(const cs_call *c)
+{
+    return c->sc->timeout + apr_time_from_sec(1);
+}
+
+static cs_lock_e store_lock(cs_call *c)
+{
+    unsigned char id[CS_STORE_ID_LEN];
+    const char *err = NULL;
+    apr_status_t rv;
+
+    if (!store_usable())
+        return CS_LOCK_NONE;
+    cs_store_id(c->ref.bytes, CS_ID_LOCK, id);
+    rv = cs_g.store->ops->add(cs_g.store, id, sizeof(id),
+                              (const unsigned char *)c->owner, strlen(c->owner),
+                              apr_time_now() + lock_life(c), store_deadline(),
+                              c->p, &err);
+    if (rv == APR_SUCCESS)
+        return CS_LOCK_HELD;
+    if (APR_STATUS_IS_EEXIST(rv))
+        return CS_LOCK_BUSY;
+    if (rv != APR_ENOLOCK)
+        store_failed(c, rv, "lock", err);
+    return CS_LOCK_NONE;
+}
+
+/* Releases the lock; with `hold`, keeps it (and so keeps every process
+ * from calling for this user) until then instead. */
+static void store_unlock(cs_call *c, apr_time_t hold)
+{
+    unsigned char id[CS_STORE_ID_LEN];
+    const char *err = NULL;
+    apr_status_t rv;
+
+    if (!cs_g.store)
+        return;
+    cs_store_id(c->ref.bytes, CS_ID_LOCK, id);
+    if (hold)
+        rv = cs_g.store->ops->put(
+            cs_g.store, id, sizeof(id), (const unsigned char *)c->owner,
+            strlen(c->owner), hold, store_deadline(), c->p, &err);
+    else
+        rv = cs_g.store->ops->release(
+            cs_g.store, id, sizeof(id), (const unsigned char *)c->owner,
+            strlen(c->owner), store_deadline(), c->p, &err);
+    if (rv != APR_SUCCESS && rv != APR_ENOLOCK)
+        store_failed(c, rv, "unlock", err);
+}
+
+/* ---------------------------------------------------------- shmcb store */
+
+/* shmcb through httpd's socache, split into shards with a lock each. A
+ * value is stored behind a small header holding its expiry, so that the
+ * entries can be carried over a graceful restart (iterate gives no
+ * expiry). A shard lock fails in children of a generation a graceful
+ * restart has replaced: their cache is going away, so they do without it
+ * (APR_ENOLOCK, not a failure). */
+#define SC_HEADER 9
+#define SC_VERSION 'S'
+
+static int shard_of(const unsigned char *id)
+{
+    return id[CS_CACHE_KEY_LEN - 1] & (cs_g.shards - 1);
+}
+
+static apr_status_t shard_lock(int shard)
+{
+    if (cs_g.cache_mutex[shard] &&
+        apr_global_mutex_lock(cs_g.cache_mutex[shard]) != APR_SUCCESS)
+        return APR_ENOLOCK;
+    return APR_SUCCESS;
+}
+
+static void shard_unlock(int shard)
+{
+    if (cs_g.cache_mutex[shard])
+        apr_global_mutex_unlock(cs_g.cache_mutex[shard]);
+}
+
+static void sc_header(unsigned char *h, apr_time_t expiry)
+{
+    h[0] = SC_VERSION;
+    for (int i = 0; i < 8; i++)
+        h[1 + i] = (unsigned char)((apr_uint64_t)expiry >> (56 - 8 * i));
+}
+
+static apr_time_t sc_expiry(const unsigned char *h)
+{
+    apr_uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = (v << 8) | h[1 + i];
+    return (apr_time_t)v;
+}
+
+/* retrieve without the lock: the caller holds it */
+static apr_status_t sc_retrieve(int shard, const unsigned char *id,
+                                apr_size_t idlen, unsigned char *buf,
+                                apr_size_t *len, apr_pool_t *p)
+{
+    unsigned char raw[CS_ENTRY_MAX + SC_HEADER];
+    unsigned int rawlen = sizeof(raw);
+    apr_status_t rv;
+
+    rv = cs_g.cache->retrieve(cs_g.cache_inst[shard], ap_server_conf, id,
+                              (unsigned int)idlen, raw, &rawlen, p);
+    if (rv != APR_SUCCESS)
+        return rv;
+    if (rawlen < SC_HEADER || raw[0] != SC_VERSION || rawlen - SC_HEADER > *len)
+        return APR_NOTFOUND;
+    *len = rawlen - SC_HEADER;
+    memcpy(buf, raw + SC_HEADER, *len);
+    return APR_SUCCESS;
+}
+
+static apr_status_t sc_store(int shard, const unsigned char *id,
+                             apr_size_t idlen, const unsigned char *val,
+                             apr_size_t len, apr_time_t expiry, apr_pool_t *p)
+{
+    unsigned char *raw = apr_palloc(p, len + SC_HEADER);
+    sc_header(raw, expiry);
+    memcpy(raw + SC_HEADER, val, len);
+    return cs_g.cache->store(cs_g.cache_inst[shard], ap_server_conf, id,
+                             (unsigned int)idlen, expiry, raw,
+                             (unsigned int)(len + SC_HEADER), p);
+}
+
+static apr_status_t sc_get(cs_store_t *st, const unsigned char *id,
+                           apr_size_t idlen, unsigned char *buf,
+                           apr_size_t *len, apr_time_t deadline, apr_pool_t *p,
+                           const char **err)
+{
+    int shard = shard_of(id);
+    apr_status_t rv;
+    (void)st, (void)deadline, (void)err;
+
+    if (shard_lock(shard) != APR_SUCCESS)
+        return APR_NOTFOUND;
+    rv = sc_retrieve(shard, id, idlen, buf, len, p);
+    shard_unlock(shard);
+    return rv;
+}
+
+static apr_status_t sc_put(cs_store_t *st, const unsigned char *id,
+                           apr_size_t idlen, const unsigned char *val,
+                           apr_size_t len, apr_time_t expiry,
+                           apr_time_t deadline, apr_pool_t *p, const char **err)
+{
+    int shard = shard_of(id);
+    apr_status_t rv;
+    (void)st, (void)deadline, (void)err;
+
+    if (shard_lock(shard) != APR_SUCCESS)
+        return APR_ENOLOCK;
+    rv = sc_store(shard, id, idlen, val, len, expiry, p);
+    shard_unlock(shard);
+    return rv;
+}
+
+static apr_status_t sc_add(cs_store_t *st, const unsigned char *id,
+                           apr_size_t idlen, const unsigned char *val,
+                           apr_size_t len, apr_time_t expiry,
+                           apr_time_t deadline, apr_pool_t *p, const char **err)
+{
+    unsigned char buf[256];
+    apr_size_t blen = sizeof(buf);
+    int shard = shard_of(id);
+    apr_status_t rv;
+    (void)st, (void)deadline, (void)err;
+
+    if (shard_lock(shard) != APR_SUCCESS)
+        return APR_ENOLOCK;
+    rv = sc_retrieve(shard, id, idlen, buf, &blen, p);
+    if (rv == APR_SUCCESS)
+        rv = APR_EEXIST;
+    else
+        rv = sc_store(shard, id, idlen, val, len, expiry, p);
+    shard_unlock(shard);
+    return rv;
+}
+
+static apr_status_t sc_release(cs_store_t *st, const unsigned char *id,
+                               apr_size_t idlen, const unsigned char *val,
+                               apr_size_t len, apr_time_t deadline,
+                               apr_pool_t *p, const char **err)
+{
+    unsigned char buf[256];
+    apr_size_t blen = sizeof(buf);
+    int shard = shard_of(id);
+    (void)st, (void)deadline, (void)err;
+
+    if (shard_lock(shard) != APR_SUCCESS)
+        return APR_ENOLOCK;
+    if (sc_retrieve(shard, id, idlen, buf, &blen, p) == APR_SUCCESS &&
+        blen == len && memcmp(buf, val, len) == 0)
+        cs_g.cache->remove(cs_g.cache_inst[shard], ap_server_conf, id,
+                           (unsigned int)idlen, p);
+    shard_unlock(shard);
+    return APR_SUCCESS;
+}
+
+static const cs_store_ops_t sc_ops = {"socache", sc_get, sc_put, sc_add,
+                                      sc_release};
+
+/* ------------------------------------------------------- per-process copies */
+
+/* The per-process copies: a hot user's requests are served from this
+ * process's memory for CS_LOCAL_TTL after a shared-cache hit, without the
+ * shared cache's lock or decryption. A copy is only ever an entry that was
+ * just valid in the shared cache, and freshness is decided as there. */
+static cs_local_slot *local_slot(const cs_cache_ref *ref)
+{
+    return &cs_g.local[ref->bytes[1] % CS_LOCAL_SLOTS];
+}
+
+static int local_get(cs_call *c, apr_time_t now, cs_entry_t *e)
+{
+    cs_local_slot *slot;
+    int hit = 0;
+
+    if (!cs_g.local)
+        return 0;
+    slot = local_slot(&c->ref);
+    apr_thread_rwlock_rdlock(cs_g.local_lock);
+    if (now < slot->until && strcmp(slot->id, c->ref.id) == 0 &&
+        cs_entry_fresh(&slot->e, now, c->policy.min_ttl)) {
+        *e = slot->e;
+        e->body = apr_pstrmemdup(c->p, slot->buf, slot->e.body_len);
+        hit = 1;
+    }
+    apr_thread_rwlock_unlock(cs_g.local_lock);
+    return hit;
+}
+
+static void local_put(const cs_call *c, const cs_entry_t *e, apr_time_t now)
+{
+    cs_local_slot *slot;
+
+    if (!cs_g.local || e->kind != CS_ENTRY_TOKEN ||
+        e->body_len >= sizeof(slot->buf))
+        return;
+    slot = local_slot(&c->ref);
+    apr_thread_rwlock_wrlock(cs_g.local_lock);
+    memcpy(slot->buf, e->body, e->body_len);
+    slot->e = *e;
+    slot->e.body = slot->buf;
+    memcpy(slot->id, c->ref.id, CS_CACHE_ID_LEN + 1);
+    slot->until = now + CS_LOCAL_TTL;
+    apr_thread_rwlock_unlock(cs_g.local_lock);
+}
+
+/* The user's token: this process's copy, else the shared store's. */
+static int token_get(cs_call *c, apr_time_t now, cs_entry_t *e)
+{
+    if (local_get(c, now, e))
+        return 1;
+    if (!store_get(c, CS_ID_TOKEN, e))
+        return 0;
+    if (cs_entry_fresh(e, now, c->policy.min_ttl))
+        local_put(c, e, now);
+    return 1;
+}
 
 /* --------------------------------------------------------------- startup */
 
@@ -486,6 +1022,7 @@ static int cs_pre_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *ptemp)
     memset(&cs_g, 0, sizeof(cs_g));
     cs_g.breaker_failures = CS_DEFAULT_BREAKER_FAILURES;
     cs_g.breaker_period = CS_DEFAULT_BREAKER_PERIOD;
+    cs_g.store_timeout = CS_DEFAULT_STORE_TIMEOUT;
     ap_mutex_register(pconf, CS_CACHE_MUTEX, NULL, APR_LOCK_DEFAULT, 0);
     ap_mutex_register(pconf, CS_FLIGHT_MUTEX, NULL, APR_LOCK_DEFAULT, 0);
     /* once, in the parent, before any thread exists */
@@ -597,30 +1134,98 @@ static apr_status_t attach_metrics(server_rec *s)
     return APR_SUCCESS;
 }
 
-/* The single-flight stripes are made once per server lifetime too: children
- * of the previous generation still hold them while they finish their
- * requests after a graceful restart, so they must not be destroyed under
- * them. (A changed Mutex cardscan-flight applies at the next full start.) */
-static apr_status_t attach_flight(server_rec *s, apr_pool_t *ptemp)
-{
-    apr_pool_t *pp = s->process->pool;
-    void *saved = NULL;
-    apr_status_t rv;
+/* Entries carried over a graceful restart. httpd recreates the shmcb with
+ * its configuration; just before the old one goes away (the cleanup below
+ * runs first, LIFO, while the provider and its locks still exist) every
+ * valid token is copied into the process pool, and the new configuration's
+ * post_config stores them again with their own expiry. Locks and failures
+ * are not carried. Ids are keyed hashes of the API key and endpoint and
+ * entries are sealed, so an entry that a changed configuration would not
+ * have stored is never found (new key or endpoint) or never opens (new
+ * CardScanCacheSecret). */
+typedef struct {
+    apr_pool_t *pool;
+    apr_array_header_t *items; /* cs_carried */
+} cs_carry;
 
-    apr_pool_userdata_get(&saved, CS_FLIGHT_KEY, pp);
-    if (saved) {
-        memcpy(cs_g.flight, saved, sizeof(cs_g.flight));
+typedef struct {
+    unsigned char id[CS_STORE_ID_LEN];
+    apr_time_t expiry;
+    unsigned char *val; /* without the header */
+    apr_size_t len;
+} cs_carried;
+
+static apr_status_t carry_one(ap_socache_instance_t *inst, server_rec *s,
+                              void *userctx, const unsigned char *id,
+                              unsigned int idlen, const unsigned char *data,
+                              unsigned int datalen, apr_pool_t *pool)
+{
+    cs_carry *carry = userctx;
+    cs_carried *it;
+    (void)inst, (void)s, (void)pool;
+
+    if (idlen != CS_STORE_ID_LEN || id[CS_CACHE_KEY_LEN] != CS_ID_TOKEN ||
+        datalen <= SC_HEADER || data[0] != SC_VERSION ||
+        sc_expiry(data) <= apr_time_now() + apr_time_from_sec(1))
         return APR_SUCCESS;
-    }
-    for (int i = 0; i < CS_FLIGHT_STRIPES; i++) {
-        rv = ap_global_mutex_create(&cs_g.flight[i], NULL, CS_FLIGHT_MUTEX,
-                                    apr_itoa(ptemp, i), s, pp, 0);
-        if (rv != APR_SUCCESS)
-            return rv;
-    }
-    saved = apr_pmemdup(pp, cs_g.flight, sizeof(cs_g.flight));
-    apr_pool_userdata_set(saved, CS_FLIGHT_KEY, apr_pool_cleanup_null, pp);
+    it = apr_array_push(carry->items);
+    memcpy(it->id, id, CS_STORE_ID_LEN);
+    it->expiry = sc_expiry(data);
+    it->len = datalen - SC_HEADER;
+    it->val = apr_pmemdup(carry->pool, data + SC_HEADER, it->len);
     return APR_SUCCESS;
+}
+
+static apr_status_t carry_out(void *data)
+{
+    server_rec *s = data;
+    apr_pool_t *pool;
+    cs_carry *carry;
+
+    if (ap_state_query(AP_SQ_MAIN_STATE) != AP_SQ_MS_DESTROY_CONFIG ||
+        !cs_g.cache || !cs_g.cache->iterate || !cs_g.shards ||
+        apr_pool_create(&pool, s->process->pool) != APR_SUCCESS)
+        return APR_SUCCESS;
+    carry = apr_pcalloc(pool, sizeof(*carry));
+    carry->pool = pool;
+    carry->items = apr_array_make(pool, 1024, sizeof(cs_carried));
+    for (int i = 0; i < cs_g.shards; i++) {
+        if (shard_lock(i) != APR_SUCCESS)
+            continue;
+        cs_g.cache->iterate(cs_g.cache_inst[i], s, carry, carry_one, pool);
+        shard_unlock(i);
+    }
+    apr_pool_userdata_set(carry, CS_CARRY_KEY, apr_pool_cleanup_null,
+                          s->process->pool);
+    return APR_SUCCESS;
+}
+
+static void carry_in(server_rec *s, apr_pool_t *ptemp)
+{
+    void *data = NULL;
+    cs_carry *carry;
+    int stored = 0;
+
+    apr_pool_userdata_get(&data, CS_CARRY_KEY, s->process->pool);
+    if (!data)
+        return;
+    carry = data;
+    apr_pool_userdata_set(NULL, CS_CARRY_KEY, apr_pool_cleanup_null,
+                          s->process->pool);
+    for (int i = 0; cs_g.shards && i < carry->items->nelts; i++) {
+        cs_carried *it = &APR_ARRAY_IDX(carry->items, i, cs_carried);
+        int shard = shard_of(it->id);
+        if (it->expiry <= apr_time_now() || shard_lock(shard) != APR_SUCCESS)
+            continue;
+        stored += sc_store(shard, it->id, CS_STORE_ID_LEN, it->val, it->len,
+                           it->expiry, ptemp) == APR_SUCCESS;
+        shard_unlock(shard);
+    }
+    ap_log_error(APLOG_MARK, APLOG_INFO, 0, s,
+                 APLOGNO(10533) "mod_cardscan: %d of %d cached tokens carried "
+                                "over the restart",
+                 stored, carry->items->nelts);
+    apr_pool_destroy(carry->pool);
 }
 
 static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
@@ -637,9 +1242,6 @@ static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
         return OK;
 
     if ((rv = attach_metrics(s)) != APR_SUCCESS)
-        return HTTP_INTERNAL_SERVER_ERROR;
-
-    if ((rv = attach_flight(s, ptemp)) != APR_SUCCESS)
         return HTTP_INTERNAL_SERVER_ERROR;
 
     if (!split_cache_spec(ptemp, &name, &args)) {
@@ -663,7 +1265,9 @@ static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
                          cs_g.cache_spec ? cs_g.cache_spec : name, err);
             return HTTP_INTERNAL_SERVER_ERROR;
         }
-        if (cs_g.cache->flags & AP_SOCACHE_FLAG_NOTMPSAFE) {
+        /* every provider gets its lock: the single-flight lock (add) is a
+         * read and a write that no other process may come between */
+        {
             rv = ap_global_mutex_create(&cs_g.cache_mutex[i], NULL,
                                         CS_CACHE_MUTEX, apr_itoa(ptemp, i), s,
                                         pconf, 0);
@@ -680,6 +1284,11 @@ static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
             return HTTP_INTERNAL_SERVER_ERROR;
         }
     }
+    cs_g.shmcb_store.ops = &sc_ops;
+    cs_g.store = &cs_g.shmcb_store;
+    carry_in(s, ptemp);
+    /* registered last, so that it runs before the cache is destroyed */
+    apr_pool_cleanup_register(pconf, s, carry_out, apr_pool_cleanup_null);
     return OK;
 }
 
@@ -688,15 +1297,6 @@ static void cs_child_init(apr_pool_t *p, server_rec *s)
     const char *err = NULL;
     apr_status_t rv;
 
-    for (int i = 0; i < CS_FLIGHT_STRIPES; i++) {
-        if (!cs_g.flight[i])
-            continue;
-        rv = apr_global_mutex_child_init(
-            &cs_g.flight[i], apr_global_mutex_lockfile(cs_g.flight[i]), p);
-        if (rv != APR_SUCCESS)
-            ap_log_error(APLOG_MARK, APLOG_CRIT, rv, s,
-                         APLOGNO(10508) "mod_cardscan: flight mutex init");
-    }
     for (int i = 0; i < cs_g.shards; i++) {
         if (!cs_g.cache_mutex[i])
             continue;
@@ -712,218 +1312,33 @@ static void cs_child_init(apr_pool_t *p, server_rec *s)
     if (cs_g.shards &&
         apr_thread_rwlock_create(&cs_g.local_lock, p) == APR_SUCCESS)
         cs_g.local = apr_pcalloc(p, CS_LOCAL_SLOTS * sizeof(cs_local_slot));
+    /* refresh-ahead threads, with every signal blocked: signals are the
+     * MPM's business, in its own threads */
+    if (cs_g.store) {
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &old);
+        if (apr_thread_mutex_create(&cs_g.refresh_lock,
+                                    APR_THREAD_MUTEX_DEFAULT,
+                                    p) != APR_SUCCESS ||
+            apr_thread_pool_create(&cs_g.refresher, CS_REFRESH_THREADS,
+                                   CS_REFRESH_THREADS, p) != APR_SUCCESS) {
+            cs_g.refresher = NULL;
+            ap_log_error(APLOG_MARK, APLOG_ERR, 0, s,
+                         APLOGNO(10534) "mod_cardscan: cannot start the "
+                                        "refresh threads: tokens are not "
+                                        "refreshed ahead of expiry");
+        }
+        else
+            apr_thread_pool_idle_max_set(cs_g.refresher, CS_REFRESH_THREADS);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+    }
+    if (apr_gethostname(cs_g.host_tag, sizeof(cs_g.host_tag), p) != APR_SUCCESS)
+        apr_cpystrn(cs_g.host_tag, "host", sizeof(cs_g.host_tag));
     /* libcurl handles are per process: none survives a fork */
     if (cs_upstream_create(p, &cs_g.upstream, &err) != APR_SUCCESS)
         ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s,
                      APLOGNO(10510) "mod_cardscan: %s", err);
-}
-
-/* ------------------------------------------------------------------ cache */
-
-/* Warnings that could repeat on every request are logged at most once per
- * CS_CACHE_WARN_INTERVAL per process (at debug in between). */
-static int warn_level(apr_time_t *last)
-{
-    apr_time_t now = apr_time_now();
-    if (now - *last < CS_CACHE_WARN_INTERVAL)
-        return APLOG_DEBUG;
-    *last = now;
-    return APLOG_WARNING;
-}
-
-/* A cache that cannot be reached (Redis restarting, ...) is left alone for a
- * while, doubling from 2 s to 60 s, so that neither this module nor the
- * socache provider floods the log; requests call the API meanwhile. The
- * state is per process and updated without a lock: a lost update only
- * changes when the next attempt happens. */
-static void cache_failed(request_rec *r, apr_status_t rv, const char *what)
-{
-    /* computed once: ap_log_rerror is a macro that evaluates it twice */
-    int level = warn_level(&cs_g.cache_warned);
-    apr_interval_time_t pause =
-        cs_g.cache_pause ? 2 * cs_g.cache_pause : CS_CACHE_PAUSE_MIN;
-    if (pause > CS_CACHE_PAUSE_MAX)
-        pause = CS_CACHE_PAUSE_MAX;
-    cs_g.cache_pause = pause;
-    cs_g.cache_pause_until = apr_time_now() + pause;
-    ap_log_rerror(APLOG_MARK, level, rv, r,
-                  APLOGNO(10527) "mod_cardscan: the token cache failed to %s; "
-                                 "calling the CardScan API directly for the "
-                                 "next %" APR_TIME_T_FMT " s",
-                  what, apr_time_sec(pause));
-}
-
-static int cache_usable(void)
-{
-    return cs_g.shards > 0 && apr_time_now() >= cs_g.cache_pause_until;
-}
-
-/* One user's place in the caches, computed once per request: the hex id
- * (bound into sealed entries) and its bytes, which pick the socache id, the
- * shard, the single-flight stripe and the per-process slot. */
-typedef struct {
-    char id[CS_CACHE_ID_LEN + 1];
-    unsigned char bytes[CS_CACHE_KEY_LEN];
-} cs_cache_ref;
-
-static void cache_ref(const cs_key_t *key, const char *endpoint,
-                      const char *user_id, cs_cache_ref *ref)
-{
-    cs_cache_id(key, endpoint, user_id, ref->id);
-    cs_cache_key_bytes(ref->id, ref->bytes);
-}
-
-/* The shard of a reference, locked when its provider needs a lock. A lock
- * fails in children of a generation a graceful restart has replaced: their
- * cache is going away, so they do without it (returns -1). */
-static int shard_lock(const cs_cache_ref *ref)
-{
-    int shard = ref->bytes[CS_CACHE_KEY_LEN - 1] & (cs_g.shards - 1);
-    if (cs_g.cache_mutex[shard] &&
-        apr_global_mutex_lock(cs_g.cache_mutex[shard]) != APR_SUCCESS)
-        return -1;
-    return shard;
-}
-
-static void shard_unlock(int shard)
-{
-    if (cs_g.cache_mutex[shard])
-        apr_global_mutex_unlock(cs_g.cache_mutex[shard]);
-}
-
-/* The key entries are sealed with: per API key, or CardScanCacheSecret. */
-static const cs_key_t *seal_key(const cs_key_t *key, cs_key_t *buf)
-{
-    if (!cs_g.seal_secret_set)
-        return key;
-    *buf = *key;
-    memcpy(buf->seal_key, cs_g.seal_key, CS_SECRET_LEN);
-    return buf;
-}
-
-/* The per-process copies: a hot user's requests are served from this
- * process's memory for CS_LOCAL_TTL after a shared-cache hit, without the
- * shared cache's lock or decryption. A copy is only ever an entry that was
- * just valid in the shared cache, and freshness is checked as there. */
-static cs_local_slot *local_slot(const cs_cache_ref *ref)
-{
-    return &cs_g.local[ref->bytes[1] % CS_LOCAL_SLOTS];
-}
-
-static int local_get(request_rec *r, const cs_cache_ref *ref, apr_time_t now,
-                     apr_interval_time_t min_ttl, cs_entry_t *e)
-{
-    cs_local_slot *slot;
-    int hit = 0;
-
-    if (!cs_g.local)
-        return 0;
-    slot = local_slot(ref);
-    apr_thread_rwlock_rdlock(cs_g.local_lock);
-    if (now < slot->until && strcmp(slot->id, ref->id) == 0 &&
-        cs_entry_fresh(&slot->e, now, min_ttl)) {
-        *e = slot->e;
-        e->body = apr_pstrmemdup(r->pool, slot->buf, slot->e.body_len);
-        hit = 1;
-    }
-    apr_thread_rwlock_unlock(cs_g.local_lock);
-    return hit;
-}
-
-static void local_put(const cs_cache_ref *ref, const cs_entry_t *e,
-                      apr_time_t now)
-{
-    cs_local_slot *slot;
-
-    if (!cs_g.local || e->kind != CS_ENTRY_TOKEN ||
-        e->body_len >= sizeof(slot->buf))
-        return;
-    slot = local_slot(ref);
-    apr_thread_rwlock_wrlock(cs_g.local_lock);
-    memcpy(slot->buf, e->body, e->body_len);
-    slot->e = *e;
-    slot->e.body = slot->buf;
-    memcpy(slot->id, ref->id, CS_CACHE_ID_LEN + 1);
-    slot->until = now + CS_LOCAL_TTL;
-    apr_thread_rwlock_unlock(cs_g.local_lock);
-}
-
-static int cache_get(request_rec *r, const cs_key_t *key,
-                     const cs_cache_ref *ref, cs_entry_t *e)
-{
-    unsigned char buf[CS_ENTRY_MAX];
-    unsigned int len = sizeof(buf);
-    int shard;
-    const char *err = NULL;
-    cs_key_t tmp;
-    apr_status_t rv;
-
-    if (!cache_usable() || (shard = shard_lock(ref)) < 0)
-        return 0;
-    rv = cs_g.cache->retrieve(cs_g.cache_inst[shard], r->server, ref->bytes,
-                              CS_CACHE_KEY_LEN, buf, &len, r->pool);
-    shard_unlock(shard);
-    if (rv != APR_SUCCESS) {
-        if (!APR_STATUS_IS_NOTFOUND(rv))
-            cache_failed(r, rv, "read");
-        return 0;
-    }
-    if (cs_entry_open(r->pool, seal_key(key, &tmp), ref->id, buf, len, e,
-                      &err) != APR_SUCCESS) {
-        /* servers with different CardScanCacheSecret would keep replacing
-         * each other's entries: not a warning per request */
-        int level = warn_level(&cs_g.entry_warned);
-        ap_log_rerror(APLOG_MARK, level, 0, r,
-                      APLOGNO(10511) "mod_cardscan: ignoring a cache entry: "
-                                     "%s",
-                      err);
-        return 0;
-    }
-    return 1;
-}
-
-static void cache_put(request_rec *r, const cs_key_t *key,
-                      const cs_cache_ref *ref, const cs_entry_t *e,
-                      apr_time_t expiry)
-{
-    unsigned char *data;
-    apr_size_t len;
-    int shard;
-    const char *err = NULL;
-    cs_key_t tmp;
-    apr_status_t rv;
-
-    if (!cache_usable())
-        return;
-    if (cs_entry_seal(r->pool, seal_key(key, &tmp), ref->id, e, &data, &len,
-                      &err) != APR_SUCCESS) {
-        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
-                      APLOGNO(10512) "mod_cardscan: %s", err);
-        return;
-    }
-    if (len > CS_ENTRY_MAX) {
-        ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r,
-                      APLOGNO(10513) "mod_cardscan: a token reply of "
-                                     "%" APR_SIZE_T_FMT
-                                     " bytes is too large to cache",
-                      len);
-        return;
-    }
-    if ((shard = shard_lock(ref)) < 0)
-        return;
-    rv = cs_g.cache->store(cs_g.cache_inst[shard], r->server, ref->bytes,
-                           CS_CACHE_KEY_LEN, expiry, data, (unsigned int)len,
-                           r->pool);
-    shard_unlock(shard);
-    if (rv == APR_SUCCESS)
-        cs_g.cache_pause = 0;
-    else if (APR_STATUS_IS_ENOSPC(rv)) /* a full shmcb: just not cached */
-        ap_log_rerror(
-            APLOG_MARK, APLOG_DEBUG, rv, r,
-            APLOGNO(10514) "mod_cardscan: the token cache has no room for this "
-                           "entry");
-    else
-        cache_failed(r, rv, "store");
 }
 
 /* ---------------------------------------------------------------- replies */
@@ -948,11 +1363,13 @@ static int send_error(request_rec *r, cs_outcome_e outcome, int status,
     return send_json(r, status, body, strlen(body));
 }
 
+/* A token, or a failure with the seconds until the user's next call. */
 static int send_entry(request_rec *r, const cs_entry_t *e, cs_outcome_e outcome)
 {
-    if (e->kind == CS_ENTRY_FAILURE && e->retry_after)
-        apr_table_setn(r->headers_out, "Retry-After",
-                       apr_itoa(r->pool, e->retry_after));
+    if (e->kind == CS_ENTRY_FAILURE)
+        apr_table_setn(
+            r->headers_out, "Retry-After",
+            apr_itoa(r->pool, cs_serve_retry_after(e, apr_time_now())));
     cs_metrics_request(cs_g.metrics,
                        e->kind == CS_ENTRY_TOKEN ? outcome : CS_OUT_ERROR);
     return send_json(r, e->kind == CS_ENTRY_TOKEN ? HTTP_OK : e->status,
@@ -974,186 +1391,445 @@ static int retry_after_seconds(const char *v)
     return 0;
 }
 
-/* ---------------------------------------------------------------- handler */
-
-static apr_global_mutex_t *flight_mutex(const cs_cache_ref *ref)
-{
-    unsigned int h = ((unsigned int)ref->bytes[0] << 8) | ref->bytes[2];
-    return cs_g.flight[h % CS_FLIGHT_STRIPES];
-}
+/* ------------------------------------------------------------ the API call */
 
 static void trace_line(void *baton, const char *line)
 {
-    request_rec *r = baton;
-    ap_log_rerror(APLOG_MARK, APLOG_TRACE4, 0, r, "libcurl: %s", line);
+    const cs_call *c = baton;
+    call_log(c, APLOG_TRACE4, 0, "libcurl: %s", line);
 }
 
-/* Sets e to the failure clients are told about. */
-static void set_failure(request_rec *r, cs_entry_t *e, int status,
-                        const char *code, const char *message, int retry_after)
+/* Sets e to the failure clients are told about: the user's negative cache
+ * entry, kept CS_NEGATIVE_TTL or as long as the API asked us to wait. */
+static void set_failure(cs_call *c, cs_entry_t *e, int status, const char *code,
+                        const char *message, int retry_after)
 {
+    apr_interval_time_t ttl = apr_time_from_sec(retry_after);
     e->kind = CS_ENTRY_FAILURE;
     e->status = status;
     e->retry_after = retry_after;
-    e->body = cs_reply_error(r->pool, code, message);
+    e->expires = e->created + (ttl > CS_NEGATIVE_TTL ? ttl : CS_NEGATIVE_TTL);
+    e->body = cs_reply_error(c->p, code, message);
     e->body_len = strlen(e->body);
+}
+
+static cs_breaker_t *breaker_of(const cs_call *c)
+{
+    return cs_g.metrics && cs_g.breaker_failures
+               ? cs_breaker_slot(cs_g.metrics->breakers, c->endpoint)
+               : NULL;
 }
 
 /* One exchange with the API, retried once after a connect failure or a
  * 502/503/504 while the deadline allows; each exchange feeds the metrics and
  * the breaker. */
-static void call_upstream(request_rec *r, cs_upstream_req_t *req,
-                          cs_breaker_t *breaker, cs_upstream_resp_t *resp)
+static void call_upstream(cs_call *c, cs_upstream_req_t *req,
+                          cs_upstream_resp_t *resp)
 {
-    apr_time_t deadline = apr_time_now() + req->timeout;
+    cs_breaker_t *breaker = breaker_of(c);
+    apr_uint32_t user = ((apr_uint32_t)c->ref.bytes[4] << 24) |
+                        ((apr_uint32_t)c->ref.bytes[5] << 16) |
+                        ((apr_uint32_t)c->ref.bytes[6] << 8) | c->ref.bytes[7];
+    apr_time_t start = apr_time_now(), deadline = start + req->timeout;
 
     for (int attempt = 0;; attempt++) {
         apr_interval_time_t left;
-        cs_upstream_fetch(cs_g.upstream, r->pool, req, resp);
+        cs_upstream_fetch(cs_g.upstream, c->p, req, resp);
         cs_metrics_upstream(cs_g.metrics, resp->result, resp->status,
                             resp->elapsed);
         if (breaker && cs_breaker_record(
                            breaker, apr_time_now(), !cs_upstream_failed(resp),
-                           cs_g.breaker_failures, cs_g.breaker_period))
-            ap_log_rerror(
-                APLOG_MARK, APLOG_ERR, 0, r,
-                APLOGNO(10528) "mod_cardscan: %s failed %u times "
-                               "in a row: not calling it for %" APR_TIME_T_FMT
-                               " s",
-                req->endpoint, cs_g.breaker_failures,
-                apr_time_sec(cs_g.breaker_period));
+                           user, cs_g.breaker_failures, cs_g.breaker_period))
+            call_log(c, APLOG_ERR, 0,
+                     APLOGNO(10528) "mod_cardscan: %s failed %u times in a "
+                                    "row for several users: not calling it "
+                                    "for %" APR_TIME_T_FMT " s",
+                     req->endpoint, cs_g.breaker_failures,
+                     apr_time_sec(cs_g.breaker_period));
         left = deadline - apr_time_now();
         if (attempt > 0 || !cs_upstream_retryable(resp) ||
             left < apr_time_from_msec(100) ||
             (breaker && cs_breaker_is_open(breaker, apr_time_now())))
-            return;
-        ap_log_rerror(APLOG_MARK, APLOG_INFO, 0, r,
-                      APLOGNO(10529) "mod_cardscan: retrying once after: %s",
-                      resp->detail
-                          ? resp->detail
-                          : apr_psprintf(r->pool, "HTTP %d", resp->status));
+            break;
+        call_log(c, APLOG_INFO, 0,
+                 APLOGNO(10529) "mod_cardscan: retrying once after: %s",
+                 resp->detail ? resp->detail
+                              : apr_psprintf(c->p, "HTTP %d", resp->status));
         req->timeout = left;
         if (req->connect_timeout > left)
             req->connect_timeout = left;
     }
+    c->called += apr_time_now() - start;
 }
 
-/* Calls the API for one user and turns the outcome into a cache entry:
- * a token, or the failure every waiting request is told. */
-static void fetch_token(request_rec *r, const cs_dir_conf *d,
-                        const char *endpoint, const char *user_id,
-                        cs_breaker_t *breaker, cs_entry_t *e)
+/* Calls the API for one user and turns the outcome into an entry: a token,
+ * or the failure the user is told about. */
+static void fetch_token(cs_call *c, cs_entry_t *e)
 {
-    cs_srv_conf *sc =
-        ap_get_module_config(r->server->module_config, &cardscan_module);
+    const cs_srv_conf *sc = c->sc;
     cs_upstream_req_t req = {0};
     cs_upstream_resp_t resp;
     cs_token_t tok;
-    const char *err = NULL;
+    const char *err = NULL, *endpoint = c->endpoint;
     apr_time_t now;
 
     req.endpoint = endpoint;
-    req.user_id = user_id;
-    req.key = d->key;
+    req.user_id = c->user_id;
+    req.key = c->d->key;
     req.ca_file = sc->ca_file;
     req.proxy = sc->proxy;
     req.proxy_auth = sc->proxy_auth;
     req.timeout = sc->timeout;
     req.connect_timeout = sc->connect_timeout;
     req.max_body = CS_MAX_BODY;
-    if (APLOG_R_IS_LEVEL(r, APLOG_TRACE4)) {
+    if (c->r ? APLOG_R_IS_LEVEL(c->r, APLOG_TRACE4)
+             : APLOG_IS_LEVEL(c->s, APLOG_TRACE4)) {
         req.trace = trace_line;
-        req.trace_baton = r;
+        req.trace_baton = c;
     }
 
-    call_upstream(r, &req, breaker, &resp);
+    call_upstream(c, &req, &resp);
     now = apr_time_now();
     memset(e, 0, sizeof(*e));
     e->created = now;
 
     if (resp.result == CS_UP_OK && resp.status == 200) {
-        if (cs_token_parse(r->pool, resp.body, resp.body_len, now, &tok,
-                           &err) == APR_SUCCESS) {
+        if (cs_token_parse(c->p, resp.body, resp.body_len, now, &tok, &err) ==
+            APR_SUCCESS) {
             e->kind = CS_ENTRY_TOKEN;
             e->lifetime = cs_token_lifetime(&tok, now);
             e->expires = e->lifetime ? now + e->lifetime : 0;
-            e->body = cs_reply_token(r->pool, &tok, e->expires);
+            e->body = cs_reply_token(c->p, &tok, e->expires);
             e->body_len = strlen(e->body);
-            ap_log_rerror(APLOG_MARK, APLOG_DEBUG, 0, r,
-                          APLOGNO(10515) "mod_cardscan: new token from %s in "
-                                         "%" APR_TIME_T_FMT " ms, lifetime "
-                                         "%" APR_TIME_T_FMT " s%s",
-                          endpoint, apr_time_as_msec(resp.elapsed),
-                          apr_time_sec(e->lifetime),
-                          tok.has_exp ? "" : " (no exp: not cached)");
+            call_log(c, APLOG_DEBUG, 0,
+                     APLOGNO(10515) "mod_cardscan: new token from %s in "
+                                    "%" APR_TIME_T_FMT " ms, lifetime "
+                                    "%" APR_TIME_T_FMT " s%s",
+                     endpoint, apr_time_as_msec(resp.elapsed),
+                     apr_time_sec(e->lifetime),
+                     tok.has_exp ? "" : " (no exp: not cached)");
             return;
         }
-        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
-                      APLOGNO(10516) "mod_cardscan: %s: %s", endpoint, err);
-        set_failure(r, e, HTTP_BAD_GATEWAY, "upstream_error",
+        call_log(c, APLOG_ERR, 0, APLOGNO(10516) "mod_cardscan: %s: %s",
+                 endpoint, err);
+        set_failure(c, e, HTTP_BAD_GATEWAY, "upstream_error",
                     "the CardScan API sent an invalid token reply", 0);
     }
     else if (resp.result == CS_UP_OK &&
              (resp.status == 401 || resp.status == 403)) {
-        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
-                      APLOGNO(10517) "mod_cardscan: %s rejected the API key "
-                                     "%s (HTTP %d): check CardScanAPIKey",
-                      endpoint, d->key->masked, resp.status);
-        set_failure(r, e, HTTP_BAD_GATEWAY, "upstream_auth_failed",
+        call_log(c, APLOG_ERR, 0,
+                 APLOGNO(10517) "mod_cardscan: %s rejected the API key %s "
+                                "(HTTP %d): check CardScanAPIKey",
+                 endpoint, c->d->key->masked, resp.status);
+        set_failure(c, e, HTTP_BAD_GATEWAY, "upstream_auth_failed",
                     "the CardScan API rejected this server's API key", 0);
     }
     else if (resp.result == CS_UP_OK && resp.status == 429) {
         int ra = retry_after_seconds(resp.retry_after);
-        ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r,
-                      APLOGNO(10518) "mod_cardscan: %s: rate limited (HTTP "
-                                     "429, Retry-After %s)",
-                      endpoint, resp.retry_after ? resp.retry_after : "none");
-        set_failure(r, e, HTTP_SERVICE_UNAVAILABLE, "upstream_rate_limited",
+        call_log(c, APLOG_WARNING, 0,
+                 APLOGNO(10518) "mod_cardscan: %s: rate limited (HTTP 429, "
+                                "Retry-After %s)",
+                 endpoint, resp.retry_after ? resp.retry_after : "none");
+        set_failure(c, e, HTTP_SERVICE_UNAVAILABLE, "upstream_rate_limited",
                     "the CardScan API is rate limiting this server; retry "
                     "later",
                     ra ? ra : 5);
     }
     else if (resp.result == CS_UP_OK) {
-        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
-                      APLOGNO(10519) "mod_cardscan: %s answered HTTP %d%s",
-                      endpoint, resp.status,
-                      resp.status >= 300 && resp.status < 400
-                          ? " (redirects are not followed)"
-                          : "");
-        set_failure(r, e, HTTP_BAD_GATEWAY, "upstream_error",
-                    apr_psprintf(r->pool, "the CardScan API answered HTTP %d",
+        call_log(c, APLOG_ERR, 0,
+                 APLOGNO(10519) "mod_cardscan: %s answered HTTP %d%s", endpoint,
+                 resp.status,
+                 resp.status >= 300 && resp.status < 400
+                     ? " (redirects are not followed)"
+                     : "");
+        set_failure(c, e, HTTP_BAD_GATEWAY, "upstream_error",
+                    apr_psprintf(c->p, "the CardScan API answered HTTP %d",
                                  resp.status),
                     0);
     }
     else {
-        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
-                      APLOGNO(10520) "mod_cardscan: %s: %s", endpoint,
-                      resp.detail ? resp.detail : "upstream failure");
+        call_log(c, APLOG_ERR, 0, APLOGNO(10520) "mod_cardscan: %s: %s",
+                 endpoint, resp.detail ? resp.detail : "upstream failure");
         if (resp.result == CS_UP_TIMEOUT)
-            set_failure(r, e, HTTP_GATEWAY_TIME_OUT, "upstream_timeout",
+            set_failure(c, e, HTTP_GATEWAY_TIME_OUT, "upstream_timeout",
                         "the CardScan API did not answer in time", 0);
         else
-            set_failure(r, e, HTTP_BAD_GATEWAY, "upstream_error",
+            set_failure(c, e, HTTP_BAD_GATEWAY, "upstream_error",
                         resp.result == CS_UP_TOO_BIG
                             ? "the CardScan API sent an oversized reply"
                             : "the CardScan API could not be reached",
                         0);
     }
-    e->created = now;
+}
+
+/* Stores what a call produced: a token for everyone, or a failure for this
+ * user alone (under its own id, so that it never replaces a token). */
+static void store_result(cs_call *c, const cs_entry_t *e)
+{
+    if (e->kind == CS_ENTRY_TOKEN && e->expires)
+        store_put(c, CS_ID_TOKEN, e, e->expires);
+    else if (e->kind == CS_ENTRY_FAILURE)
+        store_put(c, CS_ID_FAILURE, e, e->expires);
+}
+
+/* ---------------------------------------------------------- serving path */
+
+static void call_init(cs_call *c, request_rec *r, server_rec *s, apr_pool_t *p,
+                      const cs_dir_conf *d, const char *user_id)
+{
+    static apr_uint32_t counter;
+
+    memset(c, 0, sizeof(*c));
+    c->r = r;
+    c->s = s;
+    c->p = p;
+    c->d = d;
+    c->sc = ap_get_module_config(s->module_config, &cardscan_module);
+    c->user_id = user_id;
+    c->endpoint = effective_endpoint(d);
+    c->policy.min_ttl = d->min_ttl;
+    c->policy.refresh_pct = d->refresh_pct;
+    cache_ref(d->key, c->endpoint, user_id, &c->ref);
+    /* unique across the processes and servers that share a lock */
+    apr_snprintf(c->owner, sizeof(c->owner),
+                 "%s/%" APR_PID_T_FMT "/%u/%" APR_TIME_T_FMT, cs_g.host_tag,
+                 getpid(), __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED),
+                 apr_time_now());
+}
+
+/* Whether the breaker lets this call through; when not, the reply. */
+static int breaker_refuses(cs_call *c, int *retry_after)
+{
+    cs_breaker_t *breaker = breaker_of(c);
+    return breaker && !cs_breaker_allow(breaker, apr_time_now(), retry_after);
+}
+
+static int send_unavailable(request_rec *r, int retry_after)
+{
+    apr_table_setn(r->headers_out, "Retry-After",
+                   apr_itoa(r->pool, retry_after));
+    return send_error(r, CS_OUT_UNAVAILABLE, HTTP_SERVICE_UNAVAILABLE,
+                      "upstream_unavailable",
+                      "the CardScan API is unavailable; retry later");
+}
+
+/* Waits for the user's call that another request is making, polling the
+ * store with a growing interval. Returns the action that ends the wait:
+ * serve (its token), fail (its failure) or call (the lock came free with
+ * no result, or the holder took longer than any call could: make our own
+ * call). */
+static cs_action_e wait_for_call(cs_call *c, cs_entry_t *tok, int *locked)
+{
+    apr_time_t give_up = apr_time_now() + c->sc->timeout;
+    apr_interval_time_t nap = apr_time_from_msec(5);
+    cs_entry_t fail;
+
+    cs_metrics_wait(cs_g.metrics);
+    while (apr_time_now() < give_up) {
+        int have_tok, have_fail;
+        cs_action_e act;
+        cs_lock_e lk;
+
+        apr_sleep(nap);
+        if (nap < apr_time_from_msec(50))
+            nap *= 2;
+        have_tok = store_get(c, CS_ID_TOKEN, tok);
+        have_fail = store_get(c, CS_ID_FAILURE, &fail);
+        act = cs_serve_decide(have_tok ? tok : NULL, have_fail ? &fail : NULL,
+                              1, apr_time_now(), &c->policy);
+        if (act == CS_DO_FAIL)
+            *tok = fail;
+        if (act != CS_DO_WAIT)
+            return act == CS_DO_SERVE_REFRESH ? CS_DO_SERVE : act;
+        lk = store_lock(c);
+        if (lk != CS_LOCK_BUSY) {
+            *locked = lk == CS_LOCK_HELD;
+            return CS_DO_CALL;
+        }
+    }
+    call_log(c, APLOG_WARNING, 0,
+             APLOGNO(10525) "mod_cardscan: another request's call to the API "
+                            "for this user took over CardScanTimeout; "
+                            "calling it again");
+    return CS_DO_CALL;
+}
+
+/* The user has no token to serve: make the one call for them, or wait for
+ * the request that is making it. */
+static int call_or_wait(cs_call *c, cs_entry_t *e)
+{
+    request_rec *r = c->r;
+    cs_lock_e lk = store_lock(c);
+    int locked = lk == CS_LOCK_HELD, retry_after = 0;
+
+    if (lk == CS_LOCK_BUSY) {
+        switch (wait_for_call(c, e, &locked)) {
+        case CS_DO_SERVE:
+            return send_entry(r, e, CS_OUT_WAITED);
+        case CS_DO_FAIL:
+            return send_entry(r, e, CS_OUT_ERROR);
+        default:
+            break;
+        }
+    }
+    else if (locked && store_get(c, CS_ID_TOKEN, e) &&
+             cs_entry_fresh(e, apr_time_now(), c->policy.min_ttl)) {
+        /* stored by the call that held the lock just before us */
+        store_unlock(c, 0);
+        return send_entry(r, e, CS_OUT_WAITED);
+    }
+    if (breaker_refuses(c, &retry_after)) {
+        if (locked)
+            store_unlock(c, 0);
+        return send_unavailable(r, retry_after);
+    }
+    fetch_token(c, e);
+    store_result(c, e);
+    if (locked)
+        store_unlock(c, 0);
+    return send_entry(r, e, CS_OUT_FETCHED);
+}
+
+/* ----------------------------------------------------------- refresh ahead */
+
+/* A refresh runs in one of this process's refresh threads, after the reply
+ * that found the token in its refresh window has gone: no client waits for
+ * it. The job owns its pool. */
+typedef struct {
+    apr_pool_t *pool;
+    server_rec *s;
+    const cs_dir_conf *d;
+    const char *user_id;
+    apr_time_t seen; /* created time of the token the request found */
+} cs_refresh_job;
+
+/* At most one refresh per user per CS_REFRESH_RETRY from this process. */
+static int refresh_claim(const cs_call *c, apr_time_t now)
+{
+    cs_refresh_slot *slot =
+        &cs_g.refresh_slots[c->ref.bytes[3] % CS_REFRESH_SLOTS];
+    int claimed = 0;
+
+    apr_thread_mutex_lock(cs_g.refresh_lock);
+    if (memcmp(slot->id, c->ref.bytes, CS_CACHE_KEY_LEN) != 0 ||
+        now >= slot->until) {
+        memcpy(slot->id, c->ref.bytes, CS_CACHE_KEY_LEN);
+        slot->until = now + CS_REFRESH_RETRY;
+        claimed = 1;
+    }
+    apr_thread_mutex_unlock(cs_g.refresh_lock);
+    return claimed;
+}
+
+static void *APR_THREAD_FUNC refresh_task(apr_thread_t *t, void *data)
+{
+    cs_refresh_job *job = data;
+    cs_call c;
+    cs_entry_t e;
+    int retry_after = 0;
+    (void)t;
+
+    call_init(&c, NULL, job->s, job->pool, job->d, job->user_id);
+    if (store_lock(&c) != CS_LOCK_HELD) {
+        cs_metrics_refresh(cs_g.metrics, CS_REFRESH_SKIPPED);
+    }
+    else if (store_get(&c, CS_ID_TOKEN, &e) && e.created > job->seen) {
+        /* another process or server refreshed it meanwhile */
+        store_unlock(&c, 0);
+        cs_metrics_refresh(cs_g.metrics, CS_REFRESH_SKIPPED);
+    }
+    else {
+        if (breaker_refuses(&c, &retry_after))
+            memset(&e, 0, sizeof(e));
+        else
+            fetch_token(&c, &e);
+        if (e.kind == CS_ENTRY_TOKEN && e.expires) {
+            store_put(&c, CS_ID_TOKEN, &e, e.expires);
+            store_unlock(&c, 0);
+            cs_metrics_refresh(cs_g.metrics, CS_REFRESH_OK);
+            cs_g.refresh_failing = 0;
+        }
+        else {
+            /* the current token stays in service while it is fresh; no
+             * process tries again for this user before the lock expires */
+            int level = cs_g.refresh_failing ? APLOG_DEBUG : APLOG_WARNING;
+            cs_g.refresh_failing = 1;
+            store_unlock(&c, apr_time_now() + CS_REFRESH_RETRY);
+            cs_metrics_refresh(cs_g.metrics, CS_REFRESH_FAILED);
+            call_log(&c, level, 0,
+                     APLOGNO(10532) "mod_cardscan: refreshing a token ahead "
+                                    "of its expiry failed%s; the current "
+                                    "token stays in service, retried in "
+                                    "%" APR_TIME_T_FMT " s",
+                     e.kind ? "" : " (the breaker is open)",
+                     apr_time_sec(CS_REFRESH_RETRY));
+        }
+    }
+    apr_pool_destroy(job->pool);
+    return NULL;
+}
+
+/* Starts a refresh of the user's token in the background, unless this
+ * process started one for the user a moment ago. Returns 1 when started. */
+static int refresh_later(const cs_call *c, const cs_entry_t *tok)
+{
+    cs_refresh_job *job;
+    apr_pool_t *pool;
+
+    if (!cs_g.refresher || !cs_g.store || !refresh_claim(c, apr_time_now()) ||
+        apr_thread_pool_tasks_count(cs_g.refresher) >= CS_REFRESH_QUEUE)
+        return 0;
+    if (apr_pool_create_unmanaged_ex(&pool, NULL, NULL) != APR_SUCCESS)
+        return 0;
+    job = apr_pcalloc(pool, sizeof(*job));
+    job->pool = pool;
+    job->s = c->s;
+    job->d = c->d;
+    job->user_id = apr_pstrdup(pool, c->user_id);
+    job->seen = tok->created;
+    if (apr_thread_pool_push(cs_g.refresher, refresh_task, job, 0, NULL) !=
+        APR_SUCCESS) {
+        apr_pool_destroy(pool);
+        return 0;
+    }
+    return 1;
+}
+
+/* Serves one authenticated user: from the cache when it can, refreshing
+ * ahead of expiry, from the user's recent failure, or through one call to
+ * the API for all of the user's concurrent requests. */
+static int serve_user(request_rec *r, const cs_dir_conf *d, const char *user_id)
+{
+    cs_call c;
+    cs_entry_t tok, fail;
+    int have_tok, have_fail;
+    apr_time_t now = apr_time_now();
+
+    call_init(&c, r, r->server, r->pool, d, user_id);
+    have_tok = token_get(&c, now, &tok);
+    switch (cs_serve_decide(have_tok ? &tok : NULL, NULL, 0, now, &c.policy)) {
+    case CS_DO_SERVE:
+        cs_metrics_cache(cs_g.metrics, 1);
+        return send_entry(r, &tok, CS_OUT_HIT);
+    case CS_DO_SERVE_REFRESH:
+        cs_metrics_cache(cs_g.metrics, 1);
+        return send_entry(
+            r, &tok, refresh_later(&c, &tok) ? CS_OUT_REFRESHED : CS_OUT_HIT);
+    default:
+        break;
+    }
+    cs_metrics_cache(cs_g.metrics, 0);
+    have_fail = store_get(&c, CS_ID_FAILURE, &fail);
+    if (cs_serve_decide(have_tok ? &tok : NULL, have_fail ? &fail : NULL, 0,
+                        now, &c.policy) == CS_DO_FAIL)
+        return send_entry(r, &fail, CS_OUT_ERROR);
+    return call_or_wait(&c, &tok);
 }
 
 static int cs_session_handler(request_rec *r)
 {
     cs_dir_conf *d;
-    cs_srv_conf *sc;
-    const char *user_id, *endpoint, *err = NULL;
-    cs_cache_ref ref;
-    cs_entry_t e;
-    cs_breaker_t *breaker;
-    apr_global_mutex_t *flight;
-    apr_time_t wait_start, now;
-    apr_status_t rv;
-    int retry_after = 0;
+    const char *user_id, *err = NULL;
 
     if (!r->handler || strcmp(r->handler, CS_HANDLER) != 0)
         return DECLINED;
@@ -1219,72 +1895,7 @@ static int cs_session_handler(request_rec *r)
                           err);
     }
 
-    endpoint = effective_endpoint(d);
-    cache_ref(d->key, endpoint, user_id, &ref);
-    now = apr_time_now();
-    if (local_get(r, &ref, now, d->min_ttl, &e) ||
-        (cache_get(r, d->key, &ref, &e) &&
-         cs_entry_fresh(&e, now, d->min_ttl) &&
-         (local_put(&ref, &e, now), 1))) {
-        cs_metrics_cache(cs_g.metrics, 1);
-        return send_entry(r, &e, CS_OUT_HIT);
-    }
-    cs_metrics_cache(cs_g.metrics, 0);
-
-    /* Single flight: one request per user (stripe) calls the API; the
-     * others wait on the stripe, then find its result in the cache. */
-    sc = ap_get_module_config(r->server->module_config, &cardscan_module);
-    flight = flight_mutex(&ref);
-    wait_start = apr_time_now();
-    rv = apr_global_mutex_trylock(flight);
-    if (APR_STATUS_IS_EBUSY(rv)) {
-        cs_metrics_wait(cs_g.metrics);
-        rv = apr_global_mutex_timedlock(flight,
-                                        sc->timeout + apr_time_from_sec(1));
-    }
-    if (APR_STATUS_IS_TIMEUP(rv)) {
-        ap_log_rerror(APLOG_MARK, APLOG_ERR, rv, r,
-                      APLOGNO(10525) "mod_cardscan: gave up waiting for "
-                                     "another request's call to the API");
-        return send_error(r, CS_OUT_ERROR, HTTP_GATEWAY_TIME_OUT,
-                          "upstream_timeout",
-                          "the CardScan API did not answer in time");
-    }
-    if (rv != APR_SUCCESS) {
-        /* a broken lock must not cost the user a token: go without */
-        ap_log_rerror(APLOG_MARK, APLOG_WARNING, rv, r,
-                      APLOGNO(10531) "mod_cardscan: single-flight lock "
-                                     "failed; calling the API without it");
-        flight = NULL;
-    }
-    else if (cache_get(r, d->key, &ref, &e) &&
-             (cs_entry_fresh(&e, apr_time_now(), d->min_ttl) ||
-              (e.kind == CS_ENTRY_FAILURE && e.created >= wait_start))) {
-        apr_global_mutex_unlock(flight);
-        return send_entry(r, &e, CS_OUT_WAITED);
-    }
-
-    breaker =
-        cs_g.metrics ? cs_breaker_slot(cs_g.metrics->breakers, endpoint) : NULL;
-    if (breaker && cs_g.breaker_failures &&
-        !cs_breaker_allow(breaker, apr_time_now(), &retry_after)) {
-        if (flight)
-            apr_global_mutex_unlock(flight);
-        apr_table_setn(r->headers_out, "Retry-After",
-                       apr_itoa(r->pool, retry_after));
-        return send_error(r, CS_OUT_UNAVAILABLE, HTTP_SERVICE_UNAVAILABLE,
-                          "upstream_unavailable",
-                          "the CardScan API is unavailable; retry later");
-    }
-
-    fetch_token(r, d, endpoint, user_id, breaker, &e);
-    if (e.kind == CS_ENTRY_TOKEN && e.expires)
-        cache_put(r, d->key, &ref, &e, e.expires);
-    else if (e.kind == CS_ENTRY_FAILURE)
-        cache_put(r, d->key, &ref, &e, e.created + CS_FAILURE_TTL);
-    if (flight)
-        apr_global_mutex_unlock(flight);
-    return send_entry(r, &e, CS_OUT_FETCHED);
+    return serve_user(r, d, user_id);
 }
 
 /* ---------------------------------------------------------------- metrics */

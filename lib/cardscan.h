@@ -138,7 +138,7 @@ void cs_cache_key_bytes(const char *id, unsigned char out[CS_CACHE_KEY_LEN]);
 
 typedef enum {
     CS_ENTRY_TOKEN = 1,  /* body is the client reply */
-    CS_ENTRY_FAILURE = 2 /* a failed fetch, for the requests that waited */
+    CS_ENTRY_FAILURE = 2 /* a failed call: the user's negative cache */
 } cs_entry_kind_e;
 
 typedef struct cs_entry {
@@ -230,13 +230,20 @@ const char *cs_upstream_url(apr_pool_t *p, const char *endpoint,
 
 /* One breaker per upstream endpoint, in memory shared by every child
  * process; all fields are updated with atomic operations. */
+#define CS_BREAKER_USERS 8 /* the users of the last failures, remembered */
+/* A breaker opens only when the failures in a row came from at least this
+ * many distinct users (or from all of them, below this threshold): one
+ * user's broken account never stops everyone's calls. */
+#define CS_BREAKER_MIN_USERS 3
+
 typedef struct cs_breaker {
     apr_uint64_t endpoint_hash; /* 0: free slot */
     apr_uint32_t failures;      /* consecutive failed exchanges */
-    apr_uint32_t unused;
-    apr_int64_t open_until;    /* apr_time_t; 0: closed */
-    apr_int64_t probe_started; /* apr_time_t of the probe; 0: none */
+    apr_uint32_t next_user;     /* next slot of users[] */
+    apr_int64_t open_until;     /* apr_time_t; 0: closed */
+    apr_int64_t probe_started;  /* apr_time_t of the probe; 0: none */
     apr_uint64_t opened_total;
+    apr_uint32_t users[CS_BREAKER_USERS]; /* hashes; 0: none */
 } cs_breaker_t;
 
 #define CS_BREAKER_SLOTS 16
@@ -249,10 +256,15 @@ cs_breaker_t *cs_breaker_slot(cs_breaker_t *table, const char *endpoint);
  * the number of seconds until the next probe. */
 int cs_breaker_allow(cs_breaker_t *b, apr_time_t now, int *retry_after);
 
-/* Records the outcome of an exchange; `threshold` consecutive failures
- * open the breaker for `period`. Returns 1 when this call opened it. */
+/* Records the outcome of an exchange made for the user whose cache id
+ * starts with `user_hash` (any nonzero 32-bit value per user). The breaker
+ * opens for `period` after `threshold` consecutive failures that came from
+ * at least min(threshold, CS_BREAKER_MIN_USERS) distinct users; a failed
+ * half-open probe opens it again at once. Returns 1 when this call opened
+ * it. */
 int cs_breaker_record(cs_breaker_t *b, apr_time_t now, int ok,
-                      apr_uint32_t threshold, apr_interval_time_t period);
+                      apr_uint32_t user_hash, apr_uint32_t threshold,
+                      apr_interval_time_t period);
 
 int cs_breaker_is_open(const cs_breaker_t *b, apr_time_t now);
 
@@ -262,6 +274,7 @@ typedef enum {
     CS_OUT_HIT = 0,     /* served from the cache */
     CS_OUT_FETCHED,     /* this request called the API */
     CS_OUT_WAITED,      /* served by another request's call (single flight) */
+    CS_OUT_REFRESHED,   /* served from the cache; started a refresh ahead */
     CS_OUT_DENIED,      /* refused before any call: method, no user, bad id */
     CS_OUT_ERROR,       /* the call failed */
     CS_OUT_UNAVAILABLE, /* the breaker is open */
@@ -282,6 +295,13 @@ typedef enum {
 
 #define CS_LATENCY_BUCKETS 10
 
+typedef enum {
+    CS_REFRESH_OK = 0,  /* a new token was stored ahead of expiry */
+    CS_REFRESH_FAILED,  /* the call failed; the current token stays */
+    CS_REFRESH_SKIPPED, /* another process or server was refreshing */
+    CS_REFRESH_COUNT
+} cs_refresh_e;
+
 /* Counters shared by all children; updated with atomic adds. */
 typedef struct cs_metrics {
     apr_uint64_t requests[CS_OUT_COUNT];
@@ -290,12 +310,19 @@ typedef struct cs_metrics {
     apr_uint64_t latency_bucket[CS_LATENCY_BUCKETS]; /* not cumulative */
     apr_uint64_t latency_count, latency_sum_usec;
     apr_uint64_t singleflight_waits;
+    apr_uint64_t refreshes[CS_REFRESH_COUNT];
+    apr_uint64_t store_errors; /* store operations that failed or timed out */
+    /* the shared store's back-off, for every child: a store that failed is
+     * left alone until then (apr_time_t), the pause doubling each time */
+    apr_int64_t store_pause_until;
+    apr_int64_t store_pause;
     cs_breaker_t breakers[CS_BREAKER_SLOTS];
 } cs_metrics_t;
 
 void cs_metrics_request(cs_metrics_t *m, cs_outcome_e outcome);
 void cs_metrics_cache(cs_metrics_t *m, int hit);
 void cs_metrics_wait(cs_metrics_t *m);
+void cs_metrics_refresh(cs_metrics_t *m, cs_refresh_e result);
 void cs_metrics_upstream(cs_metrics_t *m, cs_up_result_e result, int status,
                          apr_interval_time_t elapsed);
 
@@ -312,5 +339,62 @@ int cs_upstream_retryable(const cs_upstream_resp_t *resp);
 /* Whether an outcome counts against the upstream's health: transport
  * failures, timeouts and 5xx. */
 int cs_upstream_failed(const cs_upstream_resp_t *resp);
+
+/* ---------------------------------------------------------------- serve */
+
+/* What one user's entries mean at a given time: the serving decision, a
+ * pure function of the entries, the clock and the policy (lib/cs_serve.c).
+ *
+ * A token is served while it is fresh (cs_entry_fresh: CardScanCacheMinTTL
+ * of life left, capped at half its lifetime). With refresh ahead, the last
+ * `refresh_pct` percent of that serving time is the refresh window: a
+ * request in it is served at once and starts one refresh in the
+ * background. A failed call is remembered for the user alone (the negative
+ * cache, under its own key so that it never replaces a token): while it
+ * lasts, that user's requests get the same error without a call. */
+
+#define CS_REFRESH_PCT_DEFAULT 25
+/* how long a failed call is answered from the negative cache, at least */
+#define CS_NEGATIVE_TTL apr_time_from_sec(5)
+/* a failed refresh is not tried again for the user before this */
+#define CS_REFRESH_RETRY apr_time_from_sec(5)
+
+typedef struct cs_policy {
+    apr_interval_time_t min_ttl; /* CardScanCacheMinTTL */
+    int refresh_pct;             /* 0: no refresh ahead */
+} cs_policy_t;
+
+typedef enum {
+    CS_DO_CALL = 0,      /* nothing to serve: call the API (as the user's one
+                            caller, when the lock can be had) */
+    CS_DO_SERVE,         /* serve the token */
+    CS_DO_SERVE_REFRESH, /* serve the token; refresh it in the background */
+    CS_DO_FAIL,          /* answer the user's recent failure */
+    CS_DO_WAIT           /* another request is calling for this user: wait
+                            for its result */
+} cs_action_e;
+
+/* tok: the user's token entry or NULL; fail: the user's failure entry or
+ * NULL; in_flight: another request holds the user's call lock. */
+cs_action_e cs_serve_decide(const cs_entry_t *tok, const cs_entry_t *fail,
+                            int in_flight, apr_time_t now,
+                            const cs_policy_t *pol);
+
+/* When the refresh window of a token starts (0: never). */
+apr_time_t cs_serve_refresh_at(const cs_entry_t *tok, const cs_policy_t *pol);
+
+/* The seconds a failure entry tells clients to wait (Retry-After), >= 1. */
+int cs_serve_retry_after(const cs_entry_t *fail, apr_time_t now);
+
+/* The store ids of one user: the token, the failure (negative cache) and
+ * the call lock. Each is the 32-byte cache key and a tag byte. */
+#define CS_STORE_ID_LEN (CS_CACHE_KEY_LEN + 1)
+typedef enum {
+    CS_ID_TOKEN = 'T',
+    CS_ID_FAILURE = 'F',
+    CS_ID_LOCK = 'L'
+} cs_id_kind_e;
+void cs_store_id(const unsigned char key[CS_CACHE_KEY_LEN], cs_id_kind_e kind,
+                 unsigned char out[CS_STORE_ID_LEN]);
 
 #endif /* CARDSCAN_H */

@@ -65,20 +65,49 @@ int cs_breaker_allow(cs_breaker_t *b, apr_time_t now, int *retry_after)
     return 0;
 }
 
-int cs_breaker_record(cs_breaker_t *b, apr_time_t now, int ok,
-                      apr_uint32_t threshold, apr_interval_time_t period)
+/* Remembers the user of a failure; forgets them all after a success. */
+static void remember_user(cs_breaker_t *b, apr_uint32_t user_hash)
 {
-    apr_uint32_t n;
+    apr_uint32_t i = __atomic_fetch_add(&b->next_user, 1, __ATOMIC_ACQ_REL);
+    __atomic_store_n(&b->users[i % CS_BREAKER_USERS], user_hash ? user_hash : 1,
+                     __ATOMIC_RELEASE);
+}
+
+static apr_uint32_t distinct_users(cs_breaker_t *b)
+{
+    apr_uint32_t seen[CS_BREAKER_USERS], n = 0;
+    for (int i = 0; i < CS_BREAKER_USERS; i++) {
+        apr_uint32_t u = __atomic_load_n(&b->users[i], __ATOMIC_ACQUIRE);
+        apr_uint32_t j;
+        for (j = 0; j < n && seen[j] != u; j++)
+            ;
+        if (u && j == n)
+            seen[n++] = u;
+    }
+    return n;
+}
+
+int cs_breaker_record(cs_breaker_t *b, apr_time_t now, int ok,
+                      apr_uint32_t user_hash, apr_uint32_t threshold,
+                      apr_interval_time_t period)
+{
+    apr_uint32_t n, need;
     int was_probe =
         __atomic_exchange_n(&b->probe_started, 0, __ATOMIC_ACQ_REL) != 0;
 
     if (ok) {
         __atomic_store_n(&b->failures, 0, __ATOMIC_RELEASE);
         __atomic_store_n(&b->open_until, 0, __ATOMIC_RELEASE);
+        for (int i = 0; i < CS_BREAKER_USERS; i++)
+            __atomic_store_n(&b->users[i], 0, __ATOMIC_RELEASE);
         return 0;
     }
+    remember_user(b, user_hash);
     n = __atomic_add_fetch(&b->failures, 1, __ATOMIC_ACQ_REL);
-    if (threshold == 0 || (n < threshold && !was_probe))
+    if (threshold == 0)
+        return 0;
+    need = threshold < CS_BREAKER_MIN_USERS ? threshold : CS_BREAKER_MIN_USERS;
+    if (!was_probe && (n < threshold || distinct_users(b) < need))
         return 0;
     __atomic_store_n(&b->open_until, now + period, __ATOMIC_RELEASE);
     __atomic_add_fetch(&b->opened_total, 1, __ATOMIC_RELAXED);

@@ -13,7 +13,10 @@ static const char *const bound_labels[CS_LATENCY_BUCKETS] = {
     "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10"};
 
 static const char *const outcome_names[CS_OUT_COUNT] = {
-    "hit", "fetched", "waited", "denied", "error", "unavailable"};
+    "hit", "fetched", "waited", "refreshed", "denied", "error", "unavailable"};
+
+static const char *const refresh_names[CS_REFRESH_COUNT] = {"ok", "failed",
+                                                            "skipped"};
 
 static const char *const class_names[CS_CLASS_COUNT] = {
     "2xx", "3xx", "4xx", "5xx", "timeout", "connect", "tls", "other"};
@@ -41,6 +44,12 @@ void cs_metrics_wait(cs_metrics_t *m)
 {
     if (m)
         ADD(m->singleflight_waits, 1);
+}
+
+void cs_metrics_refresh(cs_metrics_t *m, cs_refresh_e result)
+{
+    if (m && result < CS_REFRESH_COUNT)
+        ADD(m->refreshes[result], 1);
 }
 
 void cs_metrics_upstream(cs_metrics_t *m, cs_up_result_e result, int status,
@@ -127,6 +136,16 @@ char *cs_metrics_render(apr_pool_t *p, const cs_metrics_t *cm, apr_time_t now)
          "# TYPE cardscan_singleflight_waits_total counter\n"
          "cardscan_singleflight_waits_total %" APR_UINT64_T_FMT "\n",
          GET(m->singleflight_waits));
+    LINE("# HELP cardscan_refreshes_total Refreshes of a token ahead of its "
+         "expiry, by result.\n# TYPE cardscan_refreshes_total counter\n");
+    for (int i = 0; i < CS_REFRESH_COUNT; i++)
+        LINE("cardscan_refreshes_total{result=\"%s\"} %" APR_UINT64_T_FMT "\n",
+             refresh_names[i], GET(m->refreshes[i]));
+    LINE("# HELP cardscan_cache_errors_total Token cache operations that "
+         "failed or passed their deadline.\n"
+         "# TYPE cardscan_cache_errors_total counter\n"
+         "cardscan_cache_errors_total %" APR_UINT64_T_FMT "\n",
+         GET(m->store_errors));
     for (int i = 0; i < CS_BREAKER_SLOTS; i++) {
         if (!GET(m->breakers[i].endpoint_hash))
             continue;

@@ -186,8 +186,13 @@ class CacheTest(MockTestCase):
         self.assertEqual((st, doc and doc.get("error")), (502, "upstream_error"), data[:300])
         self.assertNotIn(b"eyJ", data)
         self.assertEqual(self.mock.calls(), 4)
+        # and remembered as the user's failure for a few seconds: another
+        # user gets a token
         self.mock.config(fault="none")
-        self.token_of(a.request(user="x y"), "x y")
+        st, _, data, _ = a.request(user="x y")
+        self.assertEqual(st, 502, data[:300])
+        self.assertEqual(self.mock.calls(), 4)
+        self.token_of(a.request(user="\u00fc@h.example"), "\u00fc@h.example")
         self.assertEqual(self.mock.calls(), 5)
 
     # ------------------------------------------------------ cache modes
@@ -266,9 +271,14 @@ class CacheTest(MockTestCase):
             self.assertEqual((st, code), (502, "upstream_error"), data[:300])
             self.assertNotIn(b"eyJ", data)
         self.assertEqual(self.mock.calls(), 1)
-        # a request after the failure calls again
+        # the user's requests just after get the same failure, without a
+        # call; another user is served
         self.mock.config(fault="none", latency_ms=0)
-        self.token_of(a.request(), "alice")
+        st, hdrs, data, _ = a.request()
+        self.assertEqual(st, 502, data[:300])
+        self.assertTrue(1 <= int(hdrs.get("retry-after", "0")) <= 5, hdrs)
+        self.assertEqual(self.mock.calls(), 1)
+        self.token_of(a.request(user="bob"), "bob")
         self.assertEqual(self.mock.calls(), 2)
 
     def test_single_flight_failure_prefork(self):

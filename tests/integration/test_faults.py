@@ -78,6 +78,18 @@ class Checks:
         self.assertEqual(hdrs.get("cache-control"), "no-store")
         return doc
 
+    def assert_negative_cache(self, first, again, status, code, calls, max_wait=5):
+        """The failed reply carries Retry-After; the same user's next request,
+        made at once, gets the same error from the user's negative cache
+        without calling the API."""
+        ra = int(first[1].get("retry-after", "0"))
+        self.assertTrue(1 <= ra <= max_wait, "Retry-After %r" % first[1].get("retry-after"))
+        reply = again()
+        self.assert_error(reply, status, code)
+        self.assertEqual(reply[2], first[2])
+        self.assertEqual(self.mock.calls(), calls, "the same user's next request called the API")
+        self.assertTrue(1 <= int(reply[1].get("retry-after", "0")) <= ra, reply[1])
+
     def assert_log_line(self, text, pattern, level=None):
         """A line of text matches pattern (and is at that level); the key is nowhere."""
         lines = [ln for ln in text.splitlines() if re.search(pattern, ln)]
@@ -176,8 +188,9 @@ class FaultMatrixTest(unittest.TestCase, Checks):
         reply = self.get(case, **kw)
         return reply, time.monotonic() - t0
 
-    def run_fault(self, name, case=None, resent=0):
-        """resent: requests libcurl itself sends again (not a module retry)."""
+    def run_fault(self, name, case=None, resent=0, max_wait=5):
+        """resent: requests libcurl itself sends again (not a module retry).
+        max_wait: the longest Retry-After expected."""
         config, status, code, calls, pattern = FAULTS[name]
         retries = calls - 1
         calls += resent
@@ -199,10 +212,12 @@ class FaultMatrixTest(unittest.TestCase, Checks):
         self.assertEqual(len(retried), retries, retried)
         stats = self.mock.stats()
         self.assertEqual(stats["user_ids"], ["alice-" + case] * calls)
-        # nothing cached: with the fault gone, the next request calls the API again
+        self.assert_negative_cache(reply, lambda: self.get(case), status, code, calls, max_wait)
+        # no token was cached, and no other user is affected: with the fault
+        # gone, another user's request calls the API and gets a token
         self.mock.config(fault="none", latency_ms="0")
-        ok = self.get(case)
-        self.assert_token(ok, "alice-" + case)
+        ok = self.get(case + "-other")
+        self.assert_token(ok, "alice-" + case + "-other")
         self.assertEqual(self.mock.calls(), calls + 1)
         return reply, elapsed, log
 
@@ -217,7 +232,7 @@ class FaultMatrixTest(unittest.TestCase, Checks):
                 self.assertTrue(all("mockkey" not in ln for ln in line), line)
 
     def test_429_passes_retry_after_on(self):
-        reply, _, _ = self.run_fault("429")
+        reply, _, _ = self.run_fault("429", max_wait=17)
         self.assertEqual(reply[1].get("retry-after"), "17")
 
     def test_429_without_value_gets_a_default_retry_after(self):
@@ -263,33 +278,47 @@ class FaultMatrixTest(unittest.TestCase, Checks):
         self.assertEqual([r["status"] for r in self.mock.stats()["requests"]], [503, 200])
         self.assertIn("retrying once after: HTTP 503", self.a.log()[mark:])
 
-    def test_no_retry_after_500_but_next_request_succeeds(self):
+    def test_no_retry_after_500_and_the_user_calls_again_after_retry_after(self):
         self.mock.config(fault="500", fault_count="1")
-        self.assert_error(self.get("r-500"), 502, "upstream_error")
+        first = self.get("r-500")
+        self.assert_error(first, 502, "upstream_error")
         self.assertEqual(self.mock.calls(), 1)
+        self.assert_negative_cache(first, lambda: self.get("r-500"), 502, "upstream_error", 1)
+        # the failure is remembered for Retry-After seconds only: then the
+        # user's next request calls the API again (waiting for the clock is
+        # the behaviour under test here)
+        time.sleep(int(first[1]["retry-after"]) + 0.1)
         self.assert_token(self.get("r-500"), "alice-r-500")
         self.assertEqual(self.mock.calls(), 2)
 
-    def test_connection_refused_is_retried_once_and_not_cached(self):
+    def test_connection_refused_is_retried_once_and_remembered_briefly(self):
         before = upstream_class(metrics(self.a), "connect")
-        for i in range(2):  # the second request tries again: nothing was cached
+        for i, case in enumerate(("refused", "refused-2")):
             mark = len(self.a.log())
-            self.assert_error(self.get("refused", path="/refused"), 502, "upstream_error")
+            first = self.get(case, path="/refused")
+            self.assert_error(first, 502, "upstream_error")
             log = self.a.log()[mark:]
             self.assert_log_line(log, r"(?i)couldn't connect|connection refused", level="error")
             self.assert_log_line(log, r"retrying once after: .*(?i:couldn't connect)", level="info")
             self.assertEqual(upstream_class(metrics(self.a), "connect"), before + 2 * (i + 1),
                              "connect attempts (one retry per request)")
+            # the same user at once: the negative cache, no connect attempt
+            self.assert_negative_cache(first, lambda: self.get(case, path="/refused"), 502,
+                                       "upstream_error", 0)
+            self.assertEqual(upstream_class(metrics(self.a), "connect"), before + 2 * (i + 1))
         self.assertEqual(self.mock.calls(), 0)
 
     def _dead_connection(self, name, warm):
         """reset/close: the API reads the request and drops the connection.
         warm: the call goes over a keep-alive connection left by a success."""
+        # a case of its own each time: a cached token (or a remembered
+        # failure) would make no call and leave the connection as it was
+        prep = "%s-%s-%d" % ("warmup" if warm else "cooldown", name, time.monotonic_ns())
         if warm:
-            self.assert_token(self.get("warmup"), "alice-warmup")
+            self.assert_token(self.get(prep), "alice-" + prep)
         else:  # a dropped connection leaves the handle without one
             self.mock.config(fault=name)
-            self.get("cooldown")
+            self.get(prep)
         self.mock.reset()
         # On a reused keep-alive connection that dies before any reply,
         # libcurl sends the GET once more on a fresh connection (it cannot
@@ -324,13 +353,13 @@ class FaultMatrixTest(unittest.TestCase, Checks):
         before = upstream_class(metrics(self.a), "tls")
         for i in range(2):
             mark = len(self.a.log())
-            self.assert_error(self.get("tls", port=port), 502, "upstream_error")
+            self.assert_error(self.get("tls-%d" % i, port=port), 502, "upstream_error")
             self.assert_log_line(self.a.log()[mark:], pattern, level="error")
             self.assertEqual(upstream_class(metrics(self.a), "tls"), before + i + 1)
         self.assertEqual(mock.calls(), 0, "an API call went over an unverified TLS connection")
         # the same endpoint over verified TLS works: the failures were the certificate's
         if mock is self.mock:
-            self.assert_token(self.get("tls", port=self.p_tls), "alice-tls")
+            self.assert_token(self.get("tls-verified", port=self.p_tls), "alice-tls-verified")
             self.assertEqual(mock.stats()["requests"][-1]["tls"], True)
 
     def test_tls_good_certificate_works(self):
@@ -386,14 +415,16 @@ class BreakerScenario(Checks):
         self.assertEqual(mock.calls(), 1)
 
         mock.config(fault="500")
-        for i in range(3):
-            self.assert_error(a.request(user="alice", conn=conns[i % 3]), 502, "upstream_error")
-        opened_at = time.monotonic()
+        # three failures in a row, of three distinct users, open it
+        for i, user in enumerate(("alice", "bob", "x y")):
+            self.assert_error(a.request(user=user, conn=conns[i % 3]), 502, "upstream_error")
+        failed_at = opened_at = time.monotonic()
         self.assertEqual(mock.calls(), 4)
         self.assertIn("failed 3 times in a row", a.log())
 
         # open: other users fail fast, from any process, without a call
-        for user, c in (("bob", conns[3]), ("x y", conns[3]), ("alice", conns[1]), ("bob", conns[2])):
+        for user, c in (("\u00fc@h.example", conns[3]), ("a&user_id=b", conns[3]),
+                        ("\u00fc@h.example", conns[1]), ("a&user_id=b", conns[2])):
             t0 = time.monotonic()
             reply = a.request(user=user, conn=c)
             elapsed = time.monotonic() - t0
@@ -413,13 +444,16 @@ class BreakerScenario(Checks):
         # the API recovers, but nobody asks it before the period ends
         mock.config(fault="none")
         if time.monotonic() - opened_at < 1.5:
-            self.assert_error(a.request(user="bob", conn=conns[2]), 503, "upstream_unavailable")
+            self.assert_error(a.request(user="a&user_id=b", conn=conns[2]), 503, "upstream_unavailable")
             self.assertEqual(mock.calls(), 4)
         time.sleep(max(0.0, opened_at + 2.3 - time.monotonic()))
         # half-open: one probe, which succeeds and closes the breaker
-        self.assert_token(a.request(user="bob", conn=conns[3]), "bob")
+        self.assert_token(a.request(user="a&user_id=b", conn=conns[3]), "a&user_id=b")
         self.assertEqual(mock.calls(), 5)
         self.assertEqual(metrics(a, conn=conns[0])["cardscan_circuit_open"], 0)
+        # the users whose calls failed call again once their failure has
+        # left the negative cache (5 s)
+        time.sleep(max(0.0, failed_at + 5.2 - time.monotonic()))
         for user, c in (("x y", conns[0]), ("alice", conns[1])):
             self.assert_token(a.request(user=user, conn=c), user)
         self.assertEqual(mock.calls(), 7)

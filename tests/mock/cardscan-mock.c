@@ -157,6 +157,7 @@ struct config {
     long fault_remaining; /* API calls the fault still applies to; -1 = until
                              changed */
     long latency_ms, lifetime, clock_skew, session_id, retry_after;
+    char fault_user[256]; /* "": the fault applies to every user */
 };
 
 /* The numeric settings of /_mock/config, with their accepted ranges. */
@@ -762,6 +763,9 @@ static enum action handle_api(struct conn *c, const struct request *req)
     pthread_mutex_lock(&g.lock);
     const struct config cfg = g.cfg;
     enum fault fault = is_get ? g.cfg.fault : FAULT_NONE;
+    if (g.cfg.fault_user[0] &&
+        (!user_id || strcmp(user_id, g.cfg.fault_user) != 0))
+        fault = FAULT_NONE; /* another user's calls are served normally */
     if (fault != FAULT_NONE && g.cfg.fault_remaining > 0 &&
         --g.cfg.fault_remaining == 0)
         g.cfg.fault = FAULT_NONE;
@@ -887,6 +891,11 @@ static void handle_config(struct conn *c, const struct request *req, bool alive)
         }
         else if (strcmp(k, "fault_count") == 0) {
             valid = parse_long(v, 0, LONG_MAX, &count);
+        }
+        else if (strcmp(k, "fault_user") == 0) {
+            valid = strlen(v) < sizeof next.fault_user;
+            if (valid)
+                strcpy(next.fault_user, v);
         }
         else {
             known = false;

@@ -7,6 +7,7 @@
 
 #define T0 apr_time_from_sec(1800000000)
 #define SEC(n) apr_time_from_sec(n)
+#define U 7 /* one user */
 
 START_TEST(opens_after_threshold_and_probes_once)
 {
@@ -15,10 +16,10 @@ START_TEST(opens_after_threshold_and_probes_once)
     memset(&b, 0, sizeof(b));
     for (int i = 0; i < 4; i++) {
         ck_assert(cs_breaker_allow(&b, T0, &ra));
-        ck_assert_int_eq(cs_breaker_record(&b, T0, 0, 5, SEC(10)), 0);
+        ck_assert_int_eq(cs_breaker_record(&b, T0, 0, 100 + i, 5, SEC(10)), 0);
     }
     ck_assert(!cs_breaker_is_open(&b, T0));
-    ck_assert_int_eq(cs_breaker_record(&b, T0, 0, 5, SEC(10)), 1);
+    ck_assert_int_eq(cs_breaker_record(&b, T0, 0, 104, 5, SEC(10)), 1);
     ck_assert(cs_breaker_is_open(&b, T0));
     ck_assert(!cs_breaker_allow(&b, T0 + SEC(1), &ra));
     ck_assert_int_eq(ra, 10);
@@ -28,11 +29,11 @@ START_TEST(opens_after_threshold_and_probes_once)
     ck_assert(!cs_breaker_allow(&b, T0 + SEC(11), &ra));
     ck_assert_int_eq(ra, 1);
     /* a failed probe opens it again at once */
-    ck_assert_int_eq(cs_breaker_record(&b, T0 + SEC(11), 0, 5, SEC(10)), 1);
+    ck_assert_int_eq(cs_breaker_record(&b, T0 + SEC(11), 0, U, 5, SEC(10)), 1);
     ck_assert(!cs_breaker_allow(&b, T0 + SEC(12), &ra));
     /* a good probe closes it */
     ck_assert(cs_breaker_allow(&b, T0 + SEC(22), &ra));
-    ck_assert_int_eq(cs_breaker_record(&b, T0 + SEC(22), 1, 5, SEC(10)), 0);
+    ck_assert_int_eq(cs_breaker_record(&b, T0 + SEC(22), 1, U, 5, SEC(10)), 0);
     ck_assert(cs_breaker_allow(&b, T0 + SEC(22), &ra));
     ck_assert(cs_breaker_allow(&b, T0 + SEC(22), &ra));
     ck_assert_int_eq(b.failures, 0);
@@ -44,14 +45,53 @@ START_TEST(success_resets_the_count)
     cs_breaker_t b;
     memset(&b, 0, sizeof(b));
     for (int i = 0; i < 20; i++) {
-        cs_breaker_record(&b, T0, 0, 5, SEC(10));
-        cs_breaker_record(&b, T0, 0, 5, SEC(10));
-        cs_breaker_record(&b, T0, 1, 5, SEC(10));
+        cs_breaker_record(&b, T0, 0, U, 5, SEC(10));
+        cs_breaker_record(&b, T0, 0, U, 5, SEC(10));
+        cs_breaker_record(&b, T0, 1, U, 5, SEC(10));
     }
     ck_assert(!cs_breaker_is_open(&b, T0));
     /* threshold 0: never opens */
     for (int i = 0; i < 20; i++)
-        ck_assert_int_eq(cs_breaker_record(&b, T0, 0, 0, SEC(10)), 0);
+        ck_assert_int_eq(cs_breaker_record(&b, T0, 0, U, 0, SEC(10)), 0);
+}
+END_TEST
+
+/* One user's failures, however many, never open the breaker: it takes
+ * failures of CS_BREAKER_MIN_USERS distinct users in a row. */
+START_TEST(one_failing_user_never_opens_it)
+{
+    cs_breaker_t b;
+    int ra;
+    memset(&b, 0, sizeof(b));
+    for (int i = 0; i < 50; i++)
+        ck_assert_int_eq(cs_breaker_record(&b, T0, 0, 42, 5, SEC(10)), 0);
+    ck_assert(cs_breaker_allow(&b, T0, &ra));
+    /* two users: still not */
+    ck_assert_int_eq(cs_breaker_record(&b, T0, 0, 43, 5, SEC(10)), 0);
+    /* a third distinct user among the last CS_BREAKER_USERS failures */
+    ck_assert_int_eq(cs_breaker_record(&b, T0, 0, 44, 5, SEC(10)), 1);
+    ck_assert(!cs_breaker_allow(&b, T0, &ra));
+    /* users whose failures are older than the last CS_BREAKER_USERS are
+     * forgotten */
+    memset(&b, 0, sizeof(b));
+    cs_breaker_record(&b, T0, 0, 41, 5, SEC(10));
+    for (int i = 0; i < CS_BREAKER_USERS; i++)
+        ck_assert_int_eq(cs_breaker_record(&b, T0, 0, 42, 5, SEC(10)), 0);
+    ck_assert_int_eq(cs_breaker_record(&b, T0, 0, 43, 5, SEC(10)), 0);
+    ck_assert_int_eq(cs_breaker_record(&b, T0, 0, 44, 5, SEC(10)), 1);
+    ck_assert(!cs_breaker_allow(&b, T0, &ra));
+    /* a success forgets the users */
+    ck_assert(cs_breaker_allow(&b, T0 + SEC(11), &ra));
+    cs_breaker_record(&b, T0 + SEC(11), 1, 42, 5, SEC(10));
+    for (int i = 0; i < 10; i++)
+        ck_assert_int_eq(
+            cs_breaker_record(&b, T0 + SEC(12), 0, i % 2 ? 43 : 44, 5, SEC(10)),
+            0);
+    /* below the minimum of users, the threshold's own number suffices */
+    memset(&b, 0, sizeof(b));
+    ck_assert_int_eq(cs_breaker_record(&b, T0, 0, 42, 2, SEC(10)), 0);
+    ck_assert_int_eq(cs_breaker_record(&b, T0, 0, 42, 2, SEC(10)), 0);
+    ck_assert_int_eq(cs_breaker_record(&b, T0, 0, 43, 2, SEC(10)), 1);
 }
 END_TEST
 
@@ -60,7 +100,7 @@ START_TEST(stale_probe_is_replaced)
     cs_breaker_t b;
     int ra;
     memset(&b, 0, sizeof(b));
-    cs_breaker_record(&b, T0, 0, 1, SEC(10));
+    cs_breaker_record(&b, T0, 0, U, 1, SEC(10));
     ck_assert(cs_breaker_allow(&b, T0 + SEC(11), &ra));
     /* that probe's process died: after a long while another may probe */
     ck_assert(!cs_breaker_allow(&b, T0 + SEC(20), &ra));
@@ -97,7 +137,7 @@ START_TEST(metrics_render)
     cs_metrics_upstream(&m, CS_UP_OK, 200, apr_time_from_msec(30));
     cs_metrics_upstream(&m, CS_UP_OK, 503, apr_time_from_msec(700));
     cs_metrics_upstream(&m, CS_UP_TIMEOUT, 0, apr_time_from_sec(20));
-    cs_breaker_record(cs_breaker_slot(m.breakers, "x"), T0, 0, 1, SEC(10));
+    cs_breaker_record(cs_breaker_slot(m.breakers, "x"), T0, 0, U, 1, SEC(10));
     char *t = cs_metrics_render(tp, &m, T0 + SEC(1));
     ck_assert_ptr_nonnull(
         strstr(t, "cardscan_requests_total{outcome=\"hit\"} 2\n"));
@@ -138,6 +178,7 @@ Suite *breaker_suite(void)
     tcase_add_checked_fixture(tc, pool_setup, pool_teardown);
     tcase_add_test(tc, opens_after_threshold_and_probes_once);
     tcase_add_test(tc, success_resets_the_count);
+    tcase_add_test(tc, one_failing_user_never_opens_it);
     tcase_add_test(tc, stale_probe_is_replaced);
     tcase_add_test(tc, slots_per_endpoint);
     tcase_add_test(tc, metrics_render);
