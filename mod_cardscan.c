@@ -118,6 +118,8 @@ static struct {
     apr_global_mutex_t *cache_mutex[CS_CACHE_SHARDS]; /* if the provider
                                                          needs one */
     cs_store_t *store;                                /* NULL: no cache */
+    const char *store_user;            /* CardScanCacheAuth: Redis ACL user */
+    const char *store_password;        /* CardScanCacheAuth: never log */
     cs_store_t shmcb_store;            /* the store over the shards above */
     apr_interval_time_t store_timeout; /* deadline of a store operation */
     cs_upstream_t *upstream;           /* per child, from child_init */
@@ -337,6 +339,35 @@ static const char *set_cache(cmd_parms *cmd, void *mconfig, const char *arg)
     return NULL;
 }
 
+static const char *set_cache_auth(cmd_parms *cmd, void *mconfig, const char *a1,
+                                  const char *a2)
+{
+    const char *err = ap_check_cmd_context(cmd, GLOBAL_ONLY);
+    const char *warning = NULL;
+    (void)mconfig;
+    if (err)
+        return err;
+    if (cs_store_auth_load(cmd->pool, a1, a2, &cs_g.store_user,
+                           &cs_g.store_password, &warning, &err) != APR_SUCCESS)
+        return apr_pstrcat(cmd->pool, "CardScanCacheAuth: ", err, NULL);
+    if (warning)
+        ap_log_error(APLOG_MARK, APLOG_WARNING, 0, cmd->server,
+                     APLOGNO(10600) "mod_cardscan: CardScanCacheAuth: %s",
+                     warning);
+    return NULL;
+}
+
+static const char *set_cache_timeout(cmd_parms *cmd, void *mconfig,
+                                     const char *arg)
+{
+    const char *err = ap_check_cmd_context(cmd, GLOBAL_ONLY);
+    (void)mconfig;
+    if (err)
+        return err;
+    return parse_seconds(cmd->pool, "CardScanCacheTimeout", arg, 10,
+                         &cs_g.store_timeout);
+}
+
 static const char *set_cache_secret(cmd_parms *cmd, void *mconfig,
                                     const char *arg)
 {
@@ -453,6 +484,12 @@ static const command_rec cs_cmds[] = {
                    "outbound proxy URL [file:/path holding user:password]"),
     AP_INIT_TAKE1("CardScanCache", set_cache, NULL, RSRC_CONF,
                   "socache provider[:args] for the token cache, or none"),
+    AP_INIT_TAKE12("CardScanCacheAuth", set_cache_auth, NULL, RSRC_CONF,
+                   "[username] password for the Redis of CardScanCache: "
+                   "the password itself, file:/path or env:NAME"),
+    AP_INIT_TAKE1("CardScanCacheTimeout", set_cache_timeout, NULL, RSRC_CONF,
+                  "seconds a fleet-cache operation may take, connecting "
+                  "included (default 0.25)"),
     AP_INIT_TAKE1("CardScanCacheMinTTL", set_min_ttl, NULL,
                   RSRC_CONF | ACCESS_CONF,
                   "seconds of life a cached token must have left to be "
@@ -991,6 +1028,24 @@ static int check_sections(apr_pool_t *p, server_rec *s, const cs_dir_conf *base,
     return OK;
 }
 
+/* CardScanCache redis:... or memcache:...: one of the fleet stores of
+ * lib/ (hiredis, libmemcached), not httpd's socache providers. */
+static int fleet_store_name(const char *name)
+{
+    return strcasecmp(name, "redis") == 0 || strcasecmp(name, "memcache") == 0;
+}
+
+static apr_status_t fleet_store_create(apr_pool_t *p, const char *name,
+                                       const char *args, cs_store_t **st,
+                                       const char **err)
+{
+    cs_store_opts_t opts = {cs_g.store_timeout, cs_g.store_user,
+                            cs_g.store_password};
+    if (strcasecmp(name, "redis") == 0)
+        return cs_store_redis_create(p, args, &opts, st, err);
+    return cs_store_memcache_create(p, args, &opts, st, err);
+}
+
 static int split_cache_spec(apr_pool_t *p, const char **name, const char **args)
 {
     const char *sep;
@@ -1050,7 +1105,24 @@ static int cs_check_config(apr_pool_t *pconf, apr_pool_t *plog,
             check_sections(ptemp, s, base, core->sec_dir) != OK)
             return !OK;
     }
-    if (split_cache_spec(ptemp, &name, &args)) {
+    if (split_cache_spec(ptemp, &name, &args) && fleet_store_name(name)) {
+        cs_store_t *st;
+        const char *err;
+        if (fleet_store_create(ptemp, name, args ? args : "", &st, &err) !=
+            APR_SUCCESS) {
+            ap_log_error(APLOG_MARK, APLOG_EMERG, 0, main_s,
+                         APLOGNO(10601) "mod_cardscan: CardScanCache %s: %s",
+                         cs_g.cache_spec, err);
+            return !OK;
+        }
+    }
+    else if (cs_g.store_password) {
+        ap_log_error(APLOG_MARK, APLOG_WARNING, 0, main_s,
+                     APLOGNO(10602) "mod_cardscan: CardScanCacheAuth is set "
+                                    "but CardScanCache is not redis:...; it "
+                                    "is not used");
+    }
+    if (split_cache_spec(ptemp, &name, &args) && !fleet_store_name(name)) {
         const ap_socache_provider_t *prov = ap_lookup_provider(
             AP_SOCACHE_PROVIDER_GROUP, name, AP_SOCACHE_PROVIDER_VERSION);
         if (!prov) {
@@ -1248,6 +1320,19 @@ static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
         ap_log_error(APLOG_MARK, APLOG_WARNING, 0, s,
                      APLOGNO(10505) "mod_cardscan: CardScanCache none: every "
                                     "request calls the CardScan API");
+        return OK;
+    }
+    if (fleet_store_name(name)) {
+        /* made here, connected lazily by each child that uses it */
+        if (fleet_store_create(pconf, name, args ? args : "", &cs_g.store,
+                               &err) != APR_SUCCESS)
+            return HTTP_INTERNAL_SERVER_ERROR; /* reported by check_config */
+        ap_log_error(
+            APLOG_MARK, APLOG_INFO, 0, s,
+            APLOGNO(10603) "mod_cardscan: token cache %s, %" APR_TIME_T_FMT
+                           " ms per operation%s",
+            cs_g.cache_spec, apr_time_as_msec(cs_g.store_timeout),
+            cs_g.store_password ? ", with AUTH" : "");
         return OK;
     }
     cs_g.cache = ap_lookup_provider(AP_SOCACHE_PROVIDER_GROUP, name,
