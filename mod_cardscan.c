@@ -561,6 +561,25 @@ static void call_log(const cs_call *c, int level, apr_status_t rv,
         ap_log_error(APLOG_MARK, level, rv, c->s, "%s", msg);
 }
 
+/* Refused credentials are named once per server and configuration
+ * generation, whichever process meets them first: the fix is in the
+ * configuration, and repeating it would flood the log. */
+static int auth_first_report(void)
+{
+    apr_uint32_t gen = (apr_uint32_t)ap_state_query(AP_SQ_CONFIG_GEN) + 1;
+    apr_uint32_t seen;
+
+    if (!cs_g.metrics) {
+        int first = !cs_g.auth_warned;
+        cs_g.auth_warned = 1;
+        return first;
+    }
+    seen = __atomic_load_n(&cs_g.metrics->store_auth_logged, __ATOMIC_RELAXED);
+    return seen != gen && __atomic_compare_exchange_n(
+                              &cs_g.metrics->store_auth_logged, &seen, gen, 0,
+                              __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+
 /* A store that failed or passed its deadline is left alone for a while,
  * doubling from 2 s to 60 s, by every child (the state is in shared
  * memory): requests call the API meanwhile, and none waits on the store
@@ -575,21 +594,22 @@ static void store_failed(const cs_call *c, apr_status_t rv, const char *what,
     cs_metrics_t *m = cs_g.metrics;
 
     if (m) {
+        apr_time_t now = apr_time_now();
         pause = __atomic_load_n(&m->store_pause, __ATOMIC_RELAXED);
-        pause = pause ? 2 * pause : CS_CACHE_PAUSE_MIN;
-        if (pause > CS_CACHE_PAUSE_MAX)
-            pause = CS_CACHE_PAUSE_MAX;
-        __atomic_store_n(&m->store_pause, pause, __ATOMIC_RELAXED);
-        __atomic_store_n(&m->store_pause_until, apr_time_now() + pause,
-                         __ATOMIC_RELEASE);
+        /* the requests that met a stalled store together fail together:
+         * once paused, their failures do not lengthen the pause */
+        if (now >= __atomic_load_n(&m->store_pause_until, __ATOMIC_ACQUIRE)) {
+            pause = pause ? 2 * pause : CS_CACHE_PAUSE_MIN;
+            if (pause > CS_CACHE_PAUSE_MAX)
+                pause = CS_CACHE_PAUSE_MAX;
+            __atomic_store_n(&m->store_pause, pause, __ATOMIC_RELAXED);
+            __atomic_store_n(&m->store_pause_until, now + pause,
+                             __ATOMIC_RELEASE);
+        }
         __atomic_add_fetch(&m->store_errors, 1, __ATOMIC_RELAXED);
     }
-    if (APR_STATUS_IS_EACCES(rv)) {
-        /* wrong credentials: named once per process, the fix is in the
-         * configuration */
-        level = cs_g.auth_warned ? APLOG_DEBUG : APLOG_ERR;
-        cs_g.auth_warned = 1;
-    }
+    if (APR_STATUS_IS_EACCES(rv))
+        level = auth_first_report() ? APLOG_ERR : APLOG_DEBUG;
     call_log(c, level, rv,
              APLOGNO(10527) "mod_cardscan: the token cache failed to %s "
                             "(%s%s%s); calling the CardScan API directly for "

@@ -316,6 +316,9 @@ typedef struct cs_metrics {
      * left alone until then (apr_time_t), the pause doubling each time */
     apr_int64_t store_pause_until;
     apr_int64_t store_pause;
+    /* 1 + the configuration generation whose refused store credentials
+     * were logged: named once per generation across the processes */
+    apr_uint32_t store_auth_logged;
     cs_breaker_t breakers[CS_BREAKER_SLOTS];
 } cs_metrics_t;
 
