@@ -131,8 +131,9 @@ class FleetTests(MockTestCase):
         super().setUp()
         self.redis.command("FLUSHALL")
 
-    def two_servers(self, cache, module, mpms=("event", "prefork"), **kw):
-        return [self.apache(mpm=mpm, global_conf=fleet_conf(self.mock, cache, **kw), modules=[module])
+    def two_servers(self, cache, mpms=("event", "prefork"), **kw):
+        # no socache_redis/socache_memcache: mod_cardscan has its own clients
+        return [self.apache(mpm=mpm, global_conf=fleet_conf(self.mock, cache, **kw))
                 for mpm in mpms]
 
     def alternate(self, servers, user="alice", rounds=6):
@@ -144,7 +145,7 @@ class FleetTests(MockTestCase):
         return tokens
 
     def test_redis_one_token_one_call_across_servers(self):
-        servers = self.two_servers("redis:127.0.0.1:%d" % self.redis.port, "socache_redis")
+        servers = self.two_servers("redis:127.0.0.1:%d" % self.redis.port)
         tokens = self.alternate(servers)
         self.assertEqual(len(tokens), 1)
         self.assertEqual(self.mock.calls(), 1)
@@ -155,14 +156,14 @@ class FleetTests(MockTestCase):
 
     def test_memcached_one_token_one_call_across_servers(self):
         # the worker MPM here, event and prefork in the Redis test
-        servers = self.two_servers("memcache:127.0.0.1:%d" % self.memcached.port, "socache_memcache",
+        servers = self.two_servers("memcache:127.0.0.1:%d" % self.memcached.port,
                                    mpms=("worker", "prefork"))
         tokens = self.alternate(servers, user="carol")
         self.assertEqual(len(tokens), 1)
         self.assertEqual(self.mock.calls(), 1)
 
     def test_redis_values_reveal_nothing(self):
-        servers = self.two_servers("redis:127.0.0.1:%d" % self.redis.port, "socache_redis", mpms=("event",))
+        servers = self.two_servers("redis:127.0.0.1:%d" % self.redis.port, mpms=("event",))
         status, _, _, doc = servers[0].request(user="alice")
         self.assertEqual(status, 200)
         keys = self.redis.keys()
@@ -178,7 +179,7 @@ class FleetTests(MockTestCase):
     def test_tampered_entry_is_a_miss_and_logged(self):
         # the tampered entry is read by the second server: the first keeps a
         # process-local copy of what it just served for a second
-        servers = self.two_servers("redis:127.0.0.1:%d" % self.redis.port, "socache_redis")
+        servers = self.two_servers("redis:127.0.0.1:%d" % self.redis.port)
         first = servers[0].request(user="alice")[3]["Token"]
         key = self.redis.keys()[0]
         value = bytearray(self.redis.value("GET", key))
@@ -193,8 +194,8 @@ class FleetTests(MockTestCase):
 
     def test_tenants_with_different_keys_share_nothing(self):
         cache = "redis:127.0.0.1:%d" % self.redis.port
-        a = self.apache(global_conf=fleet_conf(self.mock, cache), modules=["socache_redis"])
-        b = self.apache(global_conf=fleet_conf(self.mock, cache, key=OTHER_KEY), modules=["socache_redis"])
+        a = self.apache(global_conf=fleet_conf(self.mock, cache))
+        b = self.apache(global_conf=fleet_conf(self.mock, cache, key=OTHER_KEY))
         ta = a.request()[3]["Token"]
         tb = b.request()[3]["Token"]
         self.assertNotEqual(ta, tb)
@@ -211,10 +212,9 @@ class FleetTests(MockTestCase):
                 f.write(text + "\n")
         cache = "redis:127.0.0.1:%d" % self.redis.port
         s1 = "CardScanCacheSecret file:%s/s1\n" % d
-        a = self.apache(global_conf=fleet_conf(self.mock, cache, extra=s1), modules=["socache_redis"])
-        b = self.apache(global_conf=fleet_conf(self.mock, cache, extra=s1), modules=["socache_redis"])
-        c = self.apache(global_conf=fleet_conf(self.mock, cache, extra="CardScanCacheSecret file:%s/s2\n" % d),
-                        modules=["socache_redis"])
+        a = self.apache(global_conf=fleet_conf(self.mock, cache, extra=s1))
+        b = self.apache(global_conf=fleet_conf(self.mock, cache, extra=s1))
+        c = self.apache(global_conf=fleet_conf(self.mock, cache, extra="CardScanCacheSecret file:%s/s2\n" % d))
         t = a.request()[3]["Token"]
         self.assertEqual(b.request()[3]["Token"], t)
         self.assertEqual(self.mock.calls(), 1)
@@ -226,7 +226,7 @@ class FleetTests(MockTestCase):
 
     def test_cold_start_storm_over_two_servers(self):
         self.mock.config(latency_ms=300)
-        servers = self.two_servers("redis:127.0.0.1:%d" % self.redis.port, "socache_redis")
+        servers = self.two_servers("redis:127.0.0.1:%d" % self.redis.port)
         results = []
 
         def hit(server, user):
@@ -261,7 +261,7 @@ class RedisOutageTests(MockTestCase):
 
     def test_redis_down_then_back(self):
         a = self.apache(global_conf=fleet_conf(self.mock, "redis:127.0.0.1:%d" % self.redis.port),
-                        modules=["socache_redis"], servers=2)
+                        servers=2)
         self.assertEqual(a.request()[0], 200)
         self.assertEqual(self.mock.calls(), 1)
         self.redis.stop()
@@ -273,9 +273,9 @@ class RedisOutageTests(MockTestCase):
         log = a.log().splitlines()
         warnings = [l for l in log if "token cache failed" in l and ":warn]" in l]
         self.assertGreaterEqual(len(warnings), 1)
-        # the cache is left alone for a while after a failure, so neither
-        # mod_cardscan nor the socache provider logs once per request
-        noisy = [l for l in log if "socache_redis" in l or "token cache failed" in l]
+        # the cache is left alone for a while after a failure, so
+        # mod_cardscan does not log once per request
+        noisy = [l for l in log if "token cache failed" in l]
         self.assertLessEqual(len(noisy), 4 * len(a.child_pids()) + 4, "\n".join(noisy))
         self.redis.start()
         before = self.mock.calls()
@@ -291,7 +291,7 @@ class RedisOutageTests(MockTestCase):
 
     def test_redis_restart_mid_run_loses_no_request(self):
         a = self.apache(global_conf=fleet_conf(self.mock, "redis:127.0.0.1:%d" % self.redis.port),
-                        modules=["socache_redis"], servers=2)
+                        servers=2)
         statuses = []
         stop = threading.Event()
 
