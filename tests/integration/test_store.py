@@ -148,6 +148,29 @@ class StalledCacheTests(MockTestCase):
         self.assertLessEqual(max(pauses), 8, pauses)
         return a
 
+    def test_cache_timeout_is_the_deadline(self):
+        redis = Redis()
+        self.addCleanup(redis.close)
+        a = self.apache(global_conf=fleet_conf(self.mock, "redis:127.0.0.1:%d" % redis.port,
+                                               extra="CardScanCacheTimeout 1.2\n"), servers=1)
+        self.assertEqual(a.request(user="alice")[0], 200)
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            self.assertEqual(a.request(user="bob")[0], 200)
+            first = time.monotonic() - t0
+            t0 = time.monotonic()
+            self.assertEqual(a.request(user="carol")[0], 200)
+            second = time.monotonic() - t0
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        # the first request met the stall and waited the deadline it was
+        # given, not the default; the next one did not wait at all
+        self.assertGreaterEqual(first, 1.1)
+        self.assertLess(first, 1.2 + 2 * MARGIN + API_LATENCY)
+        self.assertLess(second, 0.5)
+        self.assertIn("1200 ms per operation", a.log())
+
     def test_redis_stopped_then_continued(self):
         redis = Redis()
         self.addCleanup(redis.close)
@@ -212,6 +235,31 @@ class RedisAuthTests(MockTestCase):
         self.assertIn("requirepass", named[0])
         self.assertNotIn("Wrong-pass-12", log)
         self.assertNotIn("Right-pass-89", log)
+
+    def test_directive_checks(self):
+        redis = "CardScanCache redis:127.0.0.1:6379\n"
+        for extra, says in (("CardScanCacheTimeout 0\n", "CardScanCacheTimeout"),
+                            ("CardScanCacheTimeout 11\n", "CardScanCacheTimeout"),
+                            ("CardScanCacheTimeout soon\n", "CardScanCacheTimeout"),
+                            ("CardScanCacheAuth env:CS_TEST_NO_SUCH_VAR\n", "CS_TEST_NO_SUCH_VAR"),
+                            ("CardScanCacheAuth file:/nonexistent/redis.pw\n", "/nonexistent/redis.pw"),
+                            ("CardScanCacheAuth user pw extra\n", "CardScanCacheAuth"),
+                            ("CardScanCacheAuth '' pw\n", "username")):
+            a = self.apache(global_conf=fleet_conf(self.mock, "none", extra=redis + extra), start=False)
+            out = a.configtest()
+            self.assertNotEqual(out.returncode, 0, extra)
+            self.assertIn(says, out.stdout.decode(), extra)
+        # server config only
+        a = self.apache(global_conf=fleet_conf(self.mock, "none"), start=False,
+                        body="<VirtualHost *:80>\nCardScanCacheTimeout 1\n</VirtualHost>\n")
+        self.assertNotEqual(a.configtest().returncode, 0)
+        # memcached takes no password
+        a = self.apache(global_conf=fleet_conf(self.mock, "memcache:127.0.0.1:11211",
+                                               extra="CardScanCacheAuth pw\n"), start=False)
+        out = a.configtest()
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("memcached takes no password", out.stdout.decode() + a.log())
+        self.assertNotIn("pw\n", out.stdout.decode())
 
     def test_bad_cache_specs_stop_the_start(self):
         for spec, says in (("redis:127.0.0.1:0", "port number"), ("memcache:127.0.0.1:11211/1", "database"),
