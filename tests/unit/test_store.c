@@ -394,15 +394,25 @@ static void check_restart(server_t *s)
 #define THREADS 4
 #define THREAD_OPS 40
 
+typedef struct hammer_job {
+    cs_store_t *st;
+    int n;
+    apr_status_t rv;
+} hammer_job_t;
+
+/* returns instead of apr_thread_exit(), which ASan's thread teardown
+ * mistakes for a stack use after scope */
 static void *APR_THREAD_FUNC hammer(apr_thread_t *t, void *data)
 {
-    cs_store_t *st = data;
+    hammer_job_t *job = data;
+    cs_store_t *st = job->st;
     apr_pool_t *p;
     apr_status_t rv = APR_SUCCESS;
+    (void)t;
     apr_pool_create(&p, NULL);
     for (int i = 0; i < THREAD_OPS && rv == APR_SUCCESS; i++) {
         const char *err;
-        const char *id = apr_psprintf(p, "t%pp-%d", (void *)t, i % 5);
+        const char *id = apr_psprintf(p, "t%d-%d", job->n, i % 5);
         unsigned char buf[64];
         apr_size_t len = sizeof(buf);
         apr_time_t far = apr_time_now() + apr_time_from_sec(5);
@@ -417,20 +427,25 @@ static void *APR_THREAD_FUNC hammer(apr_thread_t *t, void *data)
             rv = APR_EGENERAL;
     }
     apr_pool_destroy(p);
-    apr_thread_exit(t, rv);
+    job->rv = rv;
     return NULL;
 }
 
 static void check_threads(cs_store_t *st)
 {
     apr_thread_t *t[THREADS];
-    for (int i = 0; i < THREADS; i++)
-        ck_assert_int_eq(apr_thread_create(&t[i], NULL, hammer, st, tp),
+    hammer_job_t jobs[THREADS];
+    for (int i = 0; i < THREADS; i++) {
+        jobs[i].st = st;
+        jobs[i].n = i;
+        jobs[i].rv = APR_EGENERAL;
+        ck_assert_int_eq(apr_thread_create(&t[i], NULL, hammer, &jobs[i], tp),
                          APR_SUCCESS);
+    }
     for (int i = 0; i < THREADS; i++) {
         apr_status_t rv;
         apr_thread_join(&rv, t[i]);
-        ck_assert_int_eq(rv, APR_SUCCESS);
+        ck_assert_int_eq(jobs[i].rv, APR_SUCCESS);
     }
 }
 
