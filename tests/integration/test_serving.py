@@ -394,6 +394,26 @@ class OneFailingUserTest(MockTestCase):
         self.assertEqual(calls_for(self.mock, "alice"), 2)
         self.assertEqual(metrics(a)["cardscan_circuit_open"], 0)
 
+    def test_retried_failures_of_one_user_do_not_open_it(self):
+        # a 502 is retried once: one request of alice is two failures in a
+        # row, as many as this breaker's threshold, but of one user only
+        a = self.apache(body=METRICS_LOCATION, global_conf=apache_conf(
+            endpoint=self.mock.http_url, extra="CardScanCircuitBreaker 2 10\n"))
+        self.mock.config(fault="502", fault_user="alice")
+        self.assertEqual(a.request()[0], 502)
+        self.assertEqual(calls_for(self.mock, "alice"), 2)
+        self.assertEqual(metrics(a)["cardscan_circuit_open"], 0)
+        st, _, data, _ = a.request(user="bob")
+        self.assertEqual(st, 200, data[:300])
+        # failures in a row of two distinct users open it
+        self.mock.config(fault="502", fault_user="")
+        self.assertEqual(a.request(user="carol")[0], 502)
+        self.assertEqual(metrics(a)["cardscan_circuit_open"], 0)
+        self.assertEqual(a.request(user="x y")[0], 502)
+        self.assertEqual(metrics(a)["cardscan_circuit_open"], 1)
+        st, _, data, doc = a.request(user="\u00fc@h.example")
+        self.assertEqual((st, doc["error"]), (503, "upstream_unavailable"), data[:300])
+
 
 if __name__ == "__main__":
     unittest.main()
