@@ -1784,7 +1784,9 @@ static int refresh_later(const cs_call *c, const cs_entry_t *tok)
     job = apr_pcalloc(pool, sizeof(*job));
     job->pool = pool;
     job->s = c->s;
-    job->d = c->d;
+    /* a request's merged configuration may live in its pool: copy it (what
+     * it points to lives in the configuration pool) */
+    job->d = apr_pmemdup(pool, c->d, sizeof(*c->d));
     job->user_id = apr_pstrdup(pool, c->user_id);
     job->seen = tok->created;
     if (apr_thread_pool_push(cs_g.refresher, refresh_task, job, 0, NULL) !=
