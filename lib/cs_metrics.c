@@ -13,7 +13,7 @@ static const char *const bound_labels[CS_LATENCY_BUCKETS] = {
     "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10"};
 
 static const char *const outcome_names[CS_OUT_COUNT] = {
-    "hit", "fetched", "waited", "denied", "error", "unavailable"};
+    "hit", "fetched", "waited", "refreshed", "denied", "error", "unavailable"};
 
 static const char *const class_names[CS_CLASS_COUNT] = {
     "2xx", "3xx", "4xx", "5xx", "timeout", "connect", "tls", "other"};
@@ -25,6 +25,12 @@ void cs_metrics_request(cs_metrics_t *m, cs_outcome_e outcome)
 {
     if (m && outcome < CS_OUT_COUNT)
         ADD(m->requests[outcome], 1);
+}
+
+const char *cs_outcome_name(cs_outcome_e outcome)
+{
+    return (unsigned)outcome < CS_OUT_COUNT ? outcome_names[outcome]
+                                            : "unknown";
 }
 
 void cs_metrics_cache(cs_metrics_t *m, int hit)

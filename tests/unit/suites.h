@@ -13,6 +13,7 @@ Suite *reply_suite(void);
 Suite *cache_suite(void);
 Suite *upstream_suite(void);
 Suite *breaker_suite(void);
+Suite *origin_suite(void);
 
 /* a fresh pool per test, destroyed by the fixture */
 extern apr_pool_t *tp;
