@@ -4,11 +4,13 @@ without calling the API; every reply of the endpoint to a listed origin
 readable by it; nothing for other origins, and never "*"."""
 
 import os
+import subprocess
 import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Apache, MockTestCase, apache_conf, auth_location, session_dir  # noqa: E402
+from harness import (HTTPD, Apache, MockTestCase, apache_conf, auth_location, httpd_env,  # noqa: E402
+                     session_dir)
 
 APP = "https://app.hospital.org"
 APP2 = "http://localhost:8080"
@@ -180,7 +182,9 @@ class CorsConfigTest(unittest.TestCase):
     def refused(self, line, expect):
         a = Apache(start=False, global_conf=apache_conf(extra=line + "\n"))
         try:
-            out = a.configtest()
+            # with the environment of a started server (the sanitizer build's preload)
+            out = subprocess.run([HTTPD, "-t", "-f", a.conf], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 timeout=60, env=httpd_env())
             self.assertNotEqual(0, out.returncode, line)
             self.assertIn(expect, out.stdout.decode(errors="replace"))
         finally:
