@@ -10,6 +10,7 @@
 
 #include <apr_pools.h>
 #include <apr_time.h>
+#include <apr_tables.h>
 #include <apr_thread_mutex.h>
 
 #define CS_VERSION "0.1.0"
@@ -75,6 +76,18 @@ apr_status_t cs_user_id_check(apr_pool_t *p, const char *id, const char **err);
  * reaches the API as exactly one query value. */
 const char *cs_user_id_encode(apr_pool_t *p, const char *id);
 
+/* --------------------------------------------------------------- origin */
+
+/* Checks a CORS origin as configured: scheme://host[:port], scheme http or
+ * https, no path, no wildcard. *norm receives it as browsers send it:
+ * scheme and host in lower case, without the scheme's default port. */
+apr_status_t cs_origin_check(apr_pool_t *p, const char *origin,
+                             const char **norm, const char **err);
+
+/* Whether a request's Origin header is one of the normalised origins (an
+ * exact match; "null" and a missing Origin never are). */
+int cs_origin_listed(const apr_array_header_t *origins, const char *origin);
+
 /* ---------------------------------------------------------------- token */
 
 typedef struct cs_token {
@@ -104,8 +117,11 @@ apr_status_t cs_base64url_decode(apr_pool_t *p, const char *in,
 /* ---------------------------------------------------------------- reply */
 
 /* The JSON body sent to the client for a token; expires is the local time
- * the token expires (0: unknown, then expires_at is left out). */
-char *cs_reply_token(apr_pool_t *p, const cs_token_t *tok, apr_time_t expires);
+ * the token expires (0: unknown, then expires_at is left out). live is the
+ * key's mode: "live": "true" or "false" tells the client SDK which CardScan
+ * environment the token belongs to. */
+char *cs_reply_token(apr_pool_t *p, const cs_token_t *tok, apr_time_t expires,
+                     cs_key_mode_e mode);
 
 /* {"error": code, "message": message} */
 char *cs_reply_error(apr_pool_t *p, const char *code, const char *message);
@@ -312,6 +328,10 @@ typedef struct cs_metrics {
 } cs_metrics_t;
 
 void cs_metrics_request(cs_metrics_t *m, cs_outcome_e outcome);
+
+/* The outcome's label: "hit", "fetched", ... (the metric's outcome label and
+ * the cardscan-outcome request note). */
+const char *cs_outcome_name(cs_outcome_e outcome);
 void cs_metrics_cache(cs_metrics_t *m, int hit);
 void cs_metrics_wait(cs_metrics_t *m);
 void cs_metrics_refresh(cs_metrics_t *m, cs_refresh_e result);

@@ -136,7 +136,7 @@ class CacheTest(MockTestCase):
         for _ in range(3):
             doc = self.token_of(a.request(), "alice")
             self.assertNotIn("expires_at", doc)
-            self.assertEqual(set(doc), {"Token", "IdentityId", "session_id", "session"})
+            self.assertEqual(set(doc), {"Token", "IdentityId", "session_id", "session", "live"})
             tokens.add(doc["Token"])
         self.assertEqual(len(tokens), 3)
         self.assertEqual(self.mock.calls(), 3)

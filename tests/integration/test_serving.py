@@ -26,6 +26,12 @@ def shard_location(path="/shard", extra=""):
     return auth_location(path, SHARD_ID + "\n    " + extra)
 
 
+# A request that waited for the API takes its 400 ms latency at least. The
+# sanitizer build runs several times slower: there, anything below that
+# latency still shows that no request waited for a call.
+WAIT_LIMIT = 0.38 if os.environ.get("CS_HTTPD_PRELOAD") else 0.25
+
+
 def write_file(path, text):
     with open(path, "w") as f:
         f.write(text)
@@ -80,7 +86,7 @@ class RefreshAheadTest(MockTestCase):
             times, tokens, statuses = out[user]
             with self.subTest(mpm=a.mpm):
                 self.assertEqual(set(statuses), {200})
-                slow = [round(t, 3) for t in times[1:] if t > 0.25]
+                slow = [round(t, 3) for t in times[1:] if t > WAIT_LIMIT]
                 self.assertEqual(slow, [], "requests after the first that waited (s), of %d" % len(times))
                 calls = calls_for(self.mock, user)
                 self.assertLessEqual(calls, 7, "API calls of the active user in %.0f s" % self.DURATION)

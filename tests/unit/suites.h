@@ -14,6 +14,7 @@ Suite *cache_suite(void);
 Suite *upstream_suite(void);
 Suite *breaker_suite(void);
 Suite *serve_suite(void);
+Suite *origin_suite(void);
 
 /* a fresh pool per test, destroyed by the fixture */
 extern apr_pool_t *tp;

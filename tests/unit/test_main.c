@@ -63,6 +63,7 @@ int main(void)
     srunner_add_suite(sr, upstream_suite());
     srunner_add_suite(sr, breaker_suite());
     srunner_add_suite(sr, serve_suite());
+    srunner_add_suite(sr, origin_suite());
     srunner_run_all(sr, CK_NORMAL);
     failed = srunner_ntests_failed(sr);
     srunner_free(sr);
