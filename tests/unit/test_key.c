@@ -3,7 +3,7 @@
 #include <apr_env.h>
 #include <apr_file_io.h>
 #include <apr_strings.h>
-#include <apr_thread_proc.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -165,7 +165,7 @@ END_TEST
  * a stat of the path that may have failed or seen another file. */
 static volatile int swapping;
 
-static void *swap_key_file(apr_thread_t *t, void *data)
+static void *swap_key_file(void *data)
 {
     const char *path = data;
     char tmp[256];
@@ -180,7 +180,6 @@ static void *swap_key_file(apr_thread_t *t, void *data)
         }
         unlink(path);
     }
-    apr_thread_exit(t, APR_SUCCESS);
     return NULL;
 }
 
@@ -188,17 +187,14 @@ START_TEST(key_file_replaced_while_read)
 {
     char dir[] = "/tmp/cs-keyrace-XXXXXX";
     const char *path, *spec;
-    apr_thread_t *th;
-    apr_status_t trv;
+    pthread_t th;
     int loaded = 0;
 
     ck_assert_ptr_nonnull(mkdtemp(dir));
     path = apr_pstrcat(tp, dir, "/key", NULL);
     spec = apr_pstrcat(tp, "file:", path, NULL);
     swapping = 1;
-    ck_assert_int_eq(
-        apr_thread_create(&th, NULL, swap_key_file, (void *)path, tp),
-        APR_SUCCESS);
+    ck_assert_int_eq(pthread_create(&th, NULL, swap_key_file, (void *)path), 0);
     for (int i = 0; i < 3000; i++) {
         apr_pool_t *p;
         cs_key_t *k;
@@ -213,7 +209,7 @@ START_TEST(key_file_replaced_while_read)
         apr_pool_destroy(p);
     }
     swapping = 0;
-    apr_thread_join(&trv, th);
+    pthread_join(th, NULL);
     unlink(path);
     rmdir(dir);
     (void)loaded;

@@ -3,9 +3,10 @@
  * redirects, TLS verification and connection reuse. */
 #include "suites.h"
 
+#include <apr_allocator.h>
 #include <apr_strings.h>
 #include <apr_tables.h>
-#include <apr_thread_proc.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -424,7 +425,7 @@ typedef struct {
     apr_pool_t *p;
 } fetch_job;
 
-static void *APR_THREAD_FUNC fetch_many(apr_thread_t *t, void *data)
+static void *fetch_many(void *data)
 {
     fetch_job *job = data;
     for (int i = 0; i < FETCHES_PER_THREAD; i++) {
@@ -435,14 +436,14 @@ static void *APR_THREAD_FUNC fetch_many(apr_thread_t *t, void *data)
         if (resp.result == CS_UP_OK && resp.status == 200)
             job->ok++;
     }
-    apr_thread_exit(t, APR_SUCCESS);
     return NULL;
 }
 
 START_TEST(concurrent_fetches)
 {
-    apr_thread_t *th[FETCH_THREADS];
+    pthread_t th[FETCH_THREADS];
     fetch_job jobs[FETCH_THREADS];
+    apr_allocator_t *alloc;
     cs_key_t *k = key(KEY);
     const char *ep = apr_psprintf(tp, "http://localhost:%d/v1", http_port);
     int ok = 0;
@@ -453,18 +454,21 @@ START_TEST(concurrent_fetches)
         jobs[i].key = k;
         jobs[i].id = i;
         jobs[i].ok = 0;
-        apr_pool_create(&jobs[i].p, NULL);
+        /* a pool and allocator per thread, as an MPM's worker has */
+        ck_assert_int_eq(apr_allocator_create(&alloc), APR_SUCCESS);
+        ck_assert_int_eq(apr_pool_create_ex(&jobs[i].p, NULL, NULL, alloc),
+                         APR_SUCCESS);
+        apr_allocator_owner_set(alloc, jobs[i].p);
+    }
+    /* plain threads: APR's own would share tp between them */
+    for (int i = 0; i < FETCH_THREADS; i++)
+        ck_assert_int_eq(pthread_create(&th[i], NULL, fetch_many, &jobs[i]), 0);
+    for (int i = 0; i < FETCH_THREADS; i++) {
+        pthread_join(th[i], NULL);
+        ok += jobs[i].ok;
     }
     for (int i = 0; i < FETCH_THREADS; i++)
-        ck_assert_int_eq(
-            apr_thread_create(&th[i], NULL, fetch_many, &jobs[i], tp),
-            APR_SUCCESS);
-    for (int i = 0; i < FETCH_THREADS; i++) {
-        apr_status_t trv;
-        apr_thread_join(&trv, th[i]);
-        ok += jobs[i].ok;
         apr_pool_destroy(jobs[i].p);
-    }
     ck_assert_int_eq(ok, FETCH_THREADS * FETCHES_PER_THREAD);
     ck_assert_int_eq(stat_of("calls"), FETCH_THREADS * FETCHES_PER_THREAD);
     /* kept connections are bounded by the idle handles, not the threads */
