@@ -455,11 +455,13 @@ static int check_key_endpoint(apr_pool_t *p, server_rec *s,
     return OK;
 }
 
-/* Checks every section of secs, and the <Files> and <If> sections nested
- * in each (httpd keeps those in the enclosing section's core config, and
- * top-level ones in the server's), each merged over what encloses it. */
+/* Checks every section of secs (of one kind: Location, Directory, Files or
+ * If), and the <Files> and <If> sections nested in each (httpd keeps those
+ * in the enclosing section's core config, and top-level ones in the
+ * server's), each merged over what encloses it. */
 static int check_sections(apr_pool_t *p, server_rec *s, const cs_dir_conf *base,
-                          apr_array_header_t *secs, int depth)
+                          apr_array_header_t *secs, const char *kind,
+                          const char *outer, int depth)
 {
     for (int i = 0; secs && i < secs->nelts; i++) {
         ap_conf_vector_t *v = APR_ARRAY_IDX(secs, i, ap_conf_vector_t *);
@@ -467,14 +469,23 @@ static int check_sections(apr_pool_t *p, server_rec *s, const cs_dir_conf *base,
         core_dir_config *core = ap_get_core_module_config(v);
         const cs_dir_conf *merged =
             d ? merge_dir_conf(p, (void *)base, d) : base;
-        const char *name = core && core->d ? core->d : "?";
+        const char *name;
+
         if (core && core->condition)
-            name = apr_pstrcat(p, "<If> at ", name, NULL);
+            name = apr_psprintf(p, "<If> at %s:%u", core->condition->filename,
+                                core->condition->line_number);
+        else
+            name = apr_psprintf(p, "<%s %s>", kind,
+                                core && core->d ? core->d : "?");
+        if (outer)
+            name = apr_pstrcat(p, outer, " ", name, NULL);
         if (check_key_endpoint(p, s, merged, name) != OK)
             return !OK;
         if (core && depth < 16 &&
-            (check_sections(p, s, merged, core->sec_file, depth + 1) != OK ||
-             check_sections(p, s, merged, core->sec_if, depth + 1) != OK))
+            (check_sections(p, s, merged, core->sec_file, "Files", name,
+                            depth + 1) != OK ||
+             check_sections(p, s, merged, core->sec_if, "If", name,
+                            depth + 1) != OK))
             return !OK;
     }
     return OK;
@@ -535,10 +546,13 @@ static int cs_check_config(apr_pool_t *pconf, apr_pool_t *plog,
             ap_get_module_config(s->lookup_defaults, &cardscan_module);
         core_dir_config *dcore = ap_get_core_module_config(s->lookup_defaults);
         if (check_key_endpoint(ptemp, s, base, NULL) != OK ||
-            check_sections(ptemp, s, base, core->sec_url, 0) != OK ||
-            check_sections(ptemp, s, base, core->sec_dir, 0) != OK ||
-            check_sections(ptemp, s, base, dcore->sec_file, 0) != OK ||
-            check_sections(ptemp, s, base, dcore->sec_if, 0) != OK)
+            check_sections(ptemp, s, base, core->sec_url, "Location", NULL,
+                           0) != OK ||
+            check_sections(ptemp, s, base, core->sec_dir, "Directory", NULL,
+                           0) != OK ||
+            check_sections(ptemp, s, base, dcore->sec_file, "Files", NULL, 0) !=
+                OK ||
+            check_sections(ptemp, s, base, dcore->sec_if, "If", NULL, 0) != OK)
             return !OK;
     }
     if (split_cache_spec(ptemp, &name, &args)) {

@@ -217,7 +217,9 @@ class HardeningTest(MockTestCase):
             with self.subTest(name):
                 conf = apache_conf(endpoint=SANDBOX) if name != "endpoint in If" else \
                     apache_conf(endpoint=self.mock.http_url)
-                self.assert_refused(conf, body=body, expect=("live key", "sandbox"))
+                text = self.assert_refused(conf, body=body, expect=("live key", "sandbox"))
+                if name == "If in Files in Directory":  # the message says where
+                    self.assertRegex(text, r"section <Directory [^>]+> <Files y> <If> at \S+httpd\.conf:\d+")
 
     # ---------------------------------------- 8. subrequests and nosniff
 
