@@ -20,7 +20,6 @@
 #include "util_mutex.h"
 #include "mod_status.h"
 
-#include "apr_date.h"
 #include "apr_global_mutex.h"
 #include "apr_lib.h"
 #include "apr_shm.h"
@@ -269,6 +268,11 @@ static const char *set_timeout(cmd_parms *cmd, void *mconfig, const char *total,
         return err;
     if (c->connect_timeout > c->timeout)
         return "CardScanTimeout: the connect timeout cannot exceed the total";
+    /* libcurl counts milliseconds, and takes 0 as no timeout at all */
+    if (c->timeout < apr_time_from_msec(1) ||
+        c->connect_timeout < apr_time_from_msec(1))
+        return "CardScanTimeout: under 1 ms is not a timeout libcurl can keep "
+               "(it would mean none at all)";
     c->timeout_set = 1;
     return NULL;
 }
@@ -295,20 +299,30 @@ static const char *set_proxy(cmd_parms *cmd, void *mconfig, const char *url,
 {
     cs_srv_conf *c =
         ap_get_module_config(cmd->server->module_config, &cardscan_module);
+
+    apr_uri_t uri;
+    const char *rest = ap_strstr_c(url, "://");
     (void)mconfig;
 
     if (strcasecmp(url, "none") == 0) {
         c->proxy = NULL;
     }
-    else if (!ap_strstr_c(url, "://") || (strncasecmp(url, "http://", 7) &&
-                                          strncasecmp(url, "https://", 8) &&
-                                          strncasecmp(url, "socks5h://", 10))) {
+    else if (!rest || (strncasecmp(url, "http://", 7) &&
+                       strncasecmp(url, "https://", 8) &&
+                       strncasecmp(url, "socks5h://", 10))) {
         return "CardScanProxy: give the proxy as http://host:port, "
                "https://host:port or socks5h://host:port";
     }
-    else if (ap_strchr_c(url + 8, '@')) {
+    else if (ap_strchr_c(rest + 3, '@')) {
         return "CardScanProxy: put the proxy's credentials in a file "
                "(CardScanProxy URL file:/path), not in the URL";
+    }
+    else if (apr_uri_parse(cmd->pool, url, &uri) != APR_SUCCESS ||
+             !uri.hostname || !*uri.hostname) {
+        return apr_psprintf(cmd->pool,
+                            "CardScanProxy: '%s' names no proxy host: give "
+                            "it as http://host:port",
+                            url);
     }
     else {
         c->proxy = apr_pstrdup(cmd->pool, url);
@@ -1056,15 +1070,37 @@ static int check_key_endpoint(apr_pool_t *p, server_rec *s,
     return OK;
 }
 
+/* Checks every section of secs (of one kind: Location, Directory, Files or
+ * If), and the <Files> and <If> sections nested in each (httpd keeps those
+ * in the enclosing section's core config, and top-level ones in the
+ * server's), each merged over what encloses it. */
 static int check_sections(apr_pool_t *p, server_rec *s, const cs_dir_conf *base,
-                          apr_array_header_t *secs)
+                          apr_array_header_t *secs, const char *kind,
+                          const char *outer, int depth)
 {
     for (int i = 0; secs && i < secs->nelts; i++) {
         ap_conf_vector_t *v = APR_ARRAY_IDX(secs, i, ap_conf_vector_t *);
         cs_dir_conf *d = ap_get_module_config(v, &cardscan_module);
         core_dir_config *core = ap_get_core_module_config(v);
-        if (d && check_key_endpoint(p, s, merge_dir_conf(p, (void *)base, d),
-                                    core && core->d ? core->d : "?") != OK)
+        const cs_dir_conf *merged =
+            d ? merge_dir_conf(p, (void *)base, d) : base;
+        const char *name;
+
+        if (core && core->condition)
+            name = apr_psprintf(p, "<If> at %s:%u", core->condition->filename,
+                                core->condition->line_number);
+        else
+            name = apr_psprintf(p, "<%s %s>", kind,
+                                core && core->d ? core->d : "?");
+        if (outer)
+            name = apr_pstrcat(p, outer, " ", name, NULL);
+        if (check_key_endpoint(p, s, merged, name) != OK)
+            return !OK;
+        if (core && depth < 16 &&
+            (check_sections(p, s, merged, core->sec_file, "Files", name,
+                            depth + 1) != OK ||
+             check_sections(p, s, merged, core->sec_if, "If", name,
+                            depth + 1) != OK))
             return !OK;
     }
     return OK;
@@ -1124,9 +1160,15 @@ static int cs_check_config(apr_pool_t *pconf, apr_pool_t *plog,
         core_server_config *core = ap_get_core_module_config(s->module_config);
         cs_dir_conf *base =
             ap_get_module_config(s->lookup_defaults, &cardscan_module);
+        core_dir_config *dcore = ap_get_core_module_config(s->lookup_defaults);
         if (check_key_endpoint(ptemp, s, base, NULL) != OK ||
-            check_sections(ptemp, s, base, core->sec_url) != OK ||
-            check_sections(ptemp, s, base, core->sec_dir) != OK)
+            check_sections(ptemp, s, base, core->sec_url, "Location", NULL,
+                           0) != OK ||
+            check_sections(ptemp, s, base, core->sec_dir, "Directory", NULL,
+                           0) != OK ||
+            check_sections(ptemp, s, base, dcore->sec_file, "Files", NULL, 0) !=
+                OK ||
+            check_sections(ptemp, s, base, dcore->sec_if, "If", NULL, 0) != OK)
             return !OK;
     }
     if (split_cache_spec(ptemp, &name, &args)) {
@@ -1474,6 +1516,7 @@ static int send_json(request_rec *r, int status, const char *body,
     ap_set_content_type(r, "application/json");
     apr_table_setn(r->headers_out, "Cache-Control", "no-store");
     cors_allow(r, ap_get_module_config(r->per_dir_config, &cardscan_module));
+    apr_table_setn(r->headers_out, "X-Content-Type-Options", "nosniff");
     ap_set_content_length(r, len);
     if (r->header_only)
         return OK;
@@ -1510,21 +1553,6 @@ static int send_entry(request_rec *r, const cs_entry_t *e, cs_outcome_e outcome)
     note_outcome(r, e->kind == CS_ENTRY_TOKEN ? outcome : CS_OUT_ERROR);
     return send_json(r, e->kind == CS_ENTRY_TOKEN ? HTTP_OK : e->status,
                      e->body, e->body_len);
-}
-
-static int retry_after_seconds(const char *v)
-{
-    apr_time_t t;
-    if (!v || !*v)
-        return 0;
-    if (apr_isdigit(*v)) {
-        long n = strtol(v, NULL, 10);
-        return n > 0 && n < 86400 ? (int)n : 0;
-    }
-    t = apr_date_parse_http(v);
-    if (t > apr_time_now())
-        return (int)apr_time_sec(t - apr_time_now()) + 1;
-    return 0;
 }
 
 /* ------------------------------------------------------------ the API call */
@@ -1661,7 +1689,7 @@ static void fetch_token(cs_call *c, cs_entry_t *e)
                     "the CardScan API rejected this server's API key", 0);
     }
     else if (resp.result == CS_UP_OK && resp.status == 429) {
-        int ra = retry_after_seconds(resp.retry_after);
+        int ra = cs_retry_after(resp.retry_after, apr_time_now());
         call_log(c, APLOG_WARNING, 0,
                  APLOGNO(10518) "mod_cardscan: %s: rate limited (HTTP 429, "
                                 "Retry-After %s)",
@@ -1993,6 +2021,18 @@ static int cs_session_handler(request_rec *r)
     if (!r->handler || strcmp(r->handler, CS_HANDLER) != 0)
         return DECLINED;
 
+    /* A subrequest (an SSI include, a mod_rewrite lookahead, ...) would put
+     * the user's token into another response: never, and no API call. */
+    if (r->main) {
+        ap_log_rerror(APLOG_MARK, APLOG_INFO, 0, r,
+                      APLOGNO(10541) "mod_cardscan: refusing a subrequest "
+                                     "for %s (from %s)",
+                      r->uri, r->main->uri);
+        return send_error(r, CS_OUT_DENIED, HTTP_FORBIDDEN, "subrequest",
+                          "the session endpoint does not answer "
+                          "subrequests (such as server-side includes)");
+    }
+
     r->allowed = (AP_METHOD_BIT << M_GET) | (AP_METHOD_BIT << M_POST);
     if (r->method_number != M_GET && r->method_number != M_POST) {
         apr_table_setn(r->headers_out, "Allow", "GET, POST");
@@ -2032,8 +2072,12 @@ static int cs_session_handler(request_rec *r)
         user_id = r->user;
     }
     if (!user_id || !*user_id) {
+        /* the user only from trace4 up: ids are personal data */
         ap_log_rerror(APLOG_MARK, APLOG_INFO, 0, r,
                       APLOGNO(10530) "mod_cardscan: CardScanUserID is empty "
+                                     "for this login");
+        ap_log_rerror(APLOG_MARK, APLOG_TRACE4, 0, r,
+                      APLOGNO(10540) "mod_cardscan: CardScanUserID is empty "
                                      "for user %s",
                       r->user);
         return send_error(r, CS_OUT_DENIED, HTTP_FORBIDDEN, "no_user_id",

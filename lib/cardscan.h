@@ -38,7 +38,10 @@ apr_status_t cs_key_parse(apr_pool_t *p, const char *secret, cs_key_t **key,
 
 /* Loads a key from "file:/path", "env:NAME" or a literal, then parses it.
  * *warning is set (or NULL) for a usable key with a risk worth logging,
- * such as a key file that other users can read. */
+ * such as a key file that other users can read. An env: variable is
+ * removed from the process environment once read, so that no child
+ * program inherits it; the process keeps its value (in its root pool) for
+ * the next reading of the configuration. */
 apr_status_t cs_key_load(apr_pool_t *p, const char *spec, cs_key_t **key,
                          const char **warning, const char **err);
 
@@ -55,7 +58,8 @@ void cs_key_set_seal_secret(cs_key_t *key, const void *secret, apr_size_t len);
 
 const char *cs_endpoint_default(const cs_key_t *key);
 
-/* Checks an endpoint URL: https, or http only to a loopback host; no query.
+/* Checks an endpoint URL: https, or http only to a loopback host (an
+ * address in 127.0.0.0/8 or ::1, or the name localhost); no query.
  * *norm receives the URL without trailing slashes. */
 apr_status_t cs_endpoint_check(apr_pool_t *p, const char *url,
                                const char **norm, const char **err);
@@ -105,8 +109,10 @@ typedef struct cs_token {
 apr_status_t cs_token_parse(apr_pool_t *p, const char *body, apr_size_t len,
                             apr_time_t now, cs_token_t *tok, const char **err);
 
-/* How long the token lives from its receipt: exp - iat (robust to a skewed
- * clock), exp - now without iat; 0 without exp (not cacheable). */
+/* How long the token lives from its receipt at `now`: the earlier of
+ * exp - iat (not longer than issued for, whatever this clock says) and
+ * exp - now (never past exp by this clock); 0 without exp (not
+ * cacheable). */
 apr_interval_time_t cs_token_lifetime(const cs_token_t *tok, apr_time_t now);
 
 /* Decodes base64url (padding optional) into a NUL-terminated buffer. */
@@ -229,6 +235,18 @@ apr_status_t cs_upstream_create(apr_pool_t *p, cs_upstream_t **u,
 /* GET {endpoint}/access-token?user_id=... */
 void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
                        const cs_upstream_req_t *req, cs_upstream_resp_t *resp);
+
+/* Copies one line of libcurl's verbose output into out (outsize bytes,
+ * always NUL-terminated) with every credential masked, wherever it is in
+ * the line and whatever the protocol's way of printing headers. Returns
+ * the length written. */
+apr_size_t cs_trace_mask(char *out, apr_size_t outsize, const char *line,
+                         apr_size_t len);
+
+/* The seconds a Retry-After header value asks for at `now`: 0 when absent
+ * or unparseable, else delta-seconds or an HTTP-date, clamped to
+ * [1, 3600]. */
+int cs_retry_after(const char *header, apr_time_t now);
 
 /* The full URL of a request, for tests and logs (no secrets in it). */
 const char *cs_upstream_url(apr_pool_t *p, const char *endpoint,

@@ -119,7 +119,8 @@ static apr_status_t read_key_file(apr_pool_t *p, const char *path, char **out,
     char buf[KEY_FILE_MAX + 1];
     apr_status_t rv;
 
-    rv = apr_stat(&fi, path, APR_FINFO_TYPE | APR_FINFO_PROT, p);
+    /* not opened at all when it is no regular file (a FIFO would block) */
+    rv = apr_stat(&fi, path, APR_FINFO_TYPE, p);
     if (rv == APR_SUCCESS && fi.filetype != APR_REG) {
         *err =
             apr_psprintf(p, "the API key file %s is not a regular file", path);
@@ -133,6 +134,17 @@ static apr_status_t read_key_file(apr_pool_t *p, const char *path, char **out,
                             "once at start-up, as root)",
                             path, apr_strerror(rv, msg, sizeof(msg)));
         return rv;
+    }
+    /* the type and mode of the file that was opened: the path may have
+     * been replaced since the stat above, or the stat may have failed */
+    memset(&fi, 0, sizeof(fi));
+    rv = apr_file_info_get(&fi, APR_FINFO_TYPE | APR_FINFO_PROT, f);
+    if ((rv != APR_SUCCESS && rv != APR_INCOMPLETE) ||
+        !(fi.valid & APR_FINFO_TYPE) || fi.filetype != APR_REG) {
+        apr_file_close(f);
+        *err =
+            apr_psprintf(p, "the API key file %s is not a regular file", path);
+        return APR_EINVAL;
     }
     rv = apr_file_read_full(f, buf, KEY_FILE_MAX, &n);
     apr_file_close(f);
@@ -155,7 +167,7 @@ static apr_status_t read_key_file(apr_pool_t *p, const char *path, char **out,
         *out = apr_pstrdup(p, s);
     }
     OPENSSL_cleanse(buf, sizeof(buf));
-    if (fi.valid & APR_FINFO_PROT && fi.protection & APR_WREAD)
+    if ((fi.valid & APR_FINFO_PROT) && (fi.protection & APR_WREAD))
         *warning = apr_psprintf(p,
                                 "the API key file %s is readable by every "
                                 "user of this machine: chmod 600 (or 640 "
@@ -164,11 +176,41 @@ static apr_status_t read_key_file(apr_pool_t *p, const char *path, char **out,
     return APR_SUCCESS;
 }
 
+/* Takes a variable out of the environment: children, piped loggers and
+ * RewriteMap programs then inherit none of it. The value is kept in the
+ * process's root pool (it outlives every configuration pool), keyed by
+ * the name, so that the next reading of the configuration (a graceful
+ * restart) finds it; a value set again replaces it. Not thread-safe, like
+ * the environment: configuration time only. */
+static char *env_take(apr_pool_t *p, const char *name)
+{
+    apr_pool_t *root = p, *parent;
+    const char *tag = apr_pstrcat(p, "mod_cardscan env:", name, NULL);
+    char *value = NULL;
+    void *kept = NULL;
+
+    while ((parent = apr_pool_parent_get(root)))
+        root = parent;
+    if (apr_env_get(&value, name, p) == APR_SUCCESS && value && *value) {
+        apr_pool_userdata_get(&kept, tag, root);
+        if (!kept || strcmp(kept, value) != 0) {
+            kept = apr_pstrdup(root, value);
+            apr_pool_userdata_set(kept, apr_pstrdup(root, tag),
+                                  apr_pool_cleanup_null, root);
+        }
+        /* a copy: apr_env_get's value is the environment's own memory */
+        value = apr_pstrdup(p, value);
+        apr_env_delete(name, p);
+        return value;
+    }
+    apr_pool_userdata_get(&kept, tag, root);
+    return kept ? apr_pstrdup(p, kept) : NULL;
+}
+
 apr_status_t cs_key_load(apr_pool_t *p, const char *spec, cs_key_t **key,
                          const char **warning, const char **err)
 {
     char *secret = NULL;
-    int from_file = 0;
     apr_status_t rv;
 
     *warning = NULL;
@@ -176,11 +218,10 @@ apr_status_t cs_key_load(apr_pool_t *p, const char *spec, cs_key_t **key,
         rv = read_key_file(p, spec + 5, &secret, warning, err);
         if (rv != APR_SUCCESS)
             return rv;
-        from_file = 1;
     }
     else if (strncmp(spec, "env:", 4) == 0) {
-        rv = apr_env_get(&secret, spec + 4, p);
-        if (rv != APR_SUCCESS || !secret || !*secret) {
+        secret = env_take(p, spec + 4);
+        if (!secret || !*secret) {
             *err = apr_psprintf(p,
                                 "the environment variable %s holding the API "
                                 "key is not set in Apache's environment (on "
@@ -193,8 +234,8 @@ apr_status_t cs_key_load(apr_pool_t *p, const char *spec, cs_key_t **key,
         secret = (char *)spec;
     }
     rv = cs_key_parse(p, secret, key, err);
-    /* the parsed key keeps its own copy; the environment's stays as is */
-    if (from_file)
+    /* the parsed key keeps its own copy */
+    if (secret != spec)
         OPENSSL_cleanse(secret, strlen(secret));
     return rv;
 }

@@ -252,7 +252,7 @@ DocumentRoot "{self.dir}"
 
     def configtest(self):
         return subprocess.run([HTTPD, "-t", "-f", self.conf], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=60)
+                              stderr=subprocess.STDOUT, timeout=60, env=httpd_env(getattr(self, "env", None)))
 
     def start(self, env=None):
         """env: extra variables for apache2's environment (e.g. for
