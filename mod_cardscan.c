@@ -20,7 +20,6 @@
 #include "util_mutex.h"
 #include "mod_status.h"
 
-#include "apr_date.h"
 #include "apr_global_mutex.h"
 #include "apr_lib.h"
 #include "apr_shm.h"
@@ -42,6 +41,8 @@ module AP_MODULE_DECLARE_DATA cardscan_module;
 
 #define CS_HANDLER "cardscan-session"
 #define CS_METRICS_HANDLER "cardscan-metrics"
+#define CS_BACKEND_FILTER "CARDSCAN_BACKEND_USER"
+#define CS_CORS_MAX_AGE "600" /* seconds a browser may reuse a preflight */
 #define CS_CACHE_MUTEX "cardscan-cache"
 /* registered only so that configurations naming it keep working: single
  * flight is now a lock in the token store */
@@ -80,9 +81,18 @@ typedef struct {
     const char *endpoint;    /* normalised; NULL: from the key */
     ap_expr_info_t *user_id; /* NULL: REMOTE_USER */
     apr_interval_time_t min_ttl;
-    int refresh_pct; /* CardScanRefreshAhead: 0 off */
+    int refresh_pct;             /* CardScanRefreshAhead: 0 off */
+    apr_array_header_t *origins; /* CardScanAllowOrigin, normalised */
+    const char *backend_header;  /* CardScanBackendUser */
     unsigned int min_ttl_set : 1, refresh_set : 1;
 } cs_dir_conf;
+
+/* Per-request state, in r->request_config. */
+typedef struct {
+    int preflight;      /* a CORS preflight answered without auth */
+    ap_filter_t *reply; /* CardScanBackendUser: where the swapped reply goes
+                           (NULL: the request's output filters) */
+} cs_req_state;
 
 /* Per-server settings of the upstream exchange. */
 typedef struct {
@@ -138,6 +148,7 @@ static struct {
     unsigned char seal_key[CS_SECRET_LEN];
     apr_time_t cache_warned; /* last cache-outage warning of this process */
     apr_time_t entry_warned; /* last unreadable-entry warning */
+    int sandbox;             /* a test key is configured somewhere */
 } cs_g;
 
 /* ---------------------------------------------------------- configuration */
@@ -161,6 +172,9 @@ static void *merge_dir_conf(apr_pool_t *p, void *basev, void *addv)
     d->min_ttl_set = add->min_ttl_set || base->min_ttl_set;
     d->refresh_pct = add->refresh_set ? add->refresh_pct : base->refresh_pct;
     d->refresh_set = add->refresh_set || base->refresh_set;
+    d->origins = add->origins ? add->origins : base->origins;
+    d->backend_header =
+        add->backend_header ? add->backend_header : base->backend_header;
     return d;
 }
 
@@ -256,6 +270,11 @@ static const char *set_timeout(cmd_parms *cmd, void *mconfig, const char *total,
         return err;
     if (c->connect_timeout > c->timeout)
         return "CardScanTimeout: the connect timeout cannot exceed the total";
+    /* libcurl counts milliseconds, and takes 0 as no timeout at all */
+    if (c->timeout < apr_time_from_msec(1) ||
+        c->connect_timeout < apr_time_from_msec(1))
+        return "CardScanTimeout: under 1 ms is not a timeout libcurl can keep "
+               "(it would mean none at all)";
     c->timeout_set = 1;
     return NULL;
 }
@@ -282,20 +301,30 @@ static const char *set_proxy(cmd_parms *cmd, void *mconfig, const char *url,
 {
     cs_srv_conf *c =
         ap_get_module_config(cmd->server->module_config, &cardscan_module);
+
+    apr_uri_t uri;
+    const char *rest = ap_strstr_c(url, "://");
     (void)mconfig;
 
     if (strcasecmp(url, "none") == 0) {
         c->proxy = NULL;
     }
-    else if (!ap_strstr_c(url, "://") || (strncasecmp(url, "http://", 7) &&
-                                          strncasecmp(url, "https://", 8) &&
-                                          strncasecmp(url, "socks5h://", 10))) {
+    else if (!rest || (strncasecmp(url, "http://", 7) &&
+                       strncasecmp(url, "https://", 8) &&
+                       strncasecmp(url, "socks5h://", 10))) {
         return "CardScanProxy: give the proxy as http://host:port, "
                "https://host:port or socks5h://host:port";
     }
-    else if (ap_strchr_c(url + 8, '@')) {
+    else if (ap_strchr_c(rest + 3, '@')) {
         return "CardScanProxy: put the proxy's credentials in a file "
                "(CardScanProxy URL file:/path), not in the URL";
+    }
+    else if (apr_uri_parse(cmd->pool, url, &uri) != APR_SUCCESS ||
+             !uri.hostname || !*uri.hostname) {
+        return apr_psprintf(cmd->pool,
+                            "CardScanProxy: '%s' names no proxy host: give "
+                            "it as http://host:port",
+                            url);
     }
     else {
         c->proxy = apr_pstrdup(cmd->pool, url);
@@ -465,6 +494,54 @@ static const char *set_refresh(cmd_parms *cmd, void *mconfig, const char *arg)
     return NULL;
 }
 
+static const char *set_allow_origin(cmd_parms *cmd, void *mconfig,
+                                    const char *arg)
+{
+    cs_dir_conf *d = mconfig;
+    const char *norm = NULL, *err = NULL;
+
+    if (cs_origin_check(cmd->pool, arg, &norm, &err) != APR_SUCCESS)
+        return apr_psprintf(cmd->pool, "CardScanAllowOrigin: %s", err);
+    if (!d->origins)
+        d->origins = apr_array_make(cmd->pool, 2, sizeof(const char *));
+    APR_ARRAY_PUSH(d->origins, const char *) = norm;
+    return NULL;
+}
+
+static const char *set_backend_user(cmd_parms *cmd, void *mconfig,
+                                    const char *arg)
+{
+    /* headers the module would strip from every request or response */
+    static const char *const reserved[] = {"Authorization",
+                                           "Cookie",
+                                           "Set-Cookie",
+                                           "Host",
+                                           "Content-Type",
+                                           "Location",
+                                           "Content-Length",
+                                           "Transfer-Encoding",
+                                           "Connection",
+                                           "Origin",
+                                           NULL};
+    cs_dir_conf *d = mconfig;
+
+    for (const char *c = arg; *c; c++)
+        if (!apr_isalnum(*c) && !ap_strchr_c("!#$%&'*+-.^_`|~", *c))
+            return apr_psprintf(cmd->pool,
+                                "CardScanBackendUser: '%s' is not a header "
+                                "name",
+                                arg);
+    for (int i = 0; reserved[i]; i++)
+        if (strcasecmp(arg, reserved[i]) == 0)
+            return apr_psprintf(cmd->pool,
+                                "CardScanBackendUser: %s is a standard "
+                                "header: use a header of its own, such as "
+                                "X-CardScan-User",
+                                arg);
+    d->backend_header = *arg ? apr_pstrdup(cmd->pool, arg) : NULL;
+    return *arg ? NULL : "CardScanBackendUser: give a header name";
+}
+
 static const command_rec cs_cmds[] = {
     AP_INIT_TAKE1("CardScanAPIKey", set_api_key, NULL, RSRC_CONF | ACCESS_CONF,
                   "the CardScan API key: the key itself, file:/path or "
@@ -505,6 +582,13 @@ static const command_rec cs_cmds[] = {
     AP_INIT_TAKE12("CardScanCircuitBreaker", set_breaker, NULL, RSRC_CONF,
                    "consecutive failures that stop calls to the API, and "
                    "for how many seconds (default 5 10)"),
+    AP_INIT_ITERATE("CardScanAllowOrigin", set_allow_origin, NULL,
+                    RSRC_CONF | ACCESS_CONF,
+                    "origins (scheme://host[:port]) allowed to read the "
+                    "reply cross-origin (CORS)"),
+    AP_INIT_TAKE1("CardScanBackendUser", set_backend_user, NULL, ACCESS_CONF,
+                  "a response header in which the backend names the user: "
+                  "the response is replaced by that user's token reply"),
     {NULL}};
 
 /* ------------------------------------------------------------------ store */
@@ -992,10 +1076,17 @@ static void local_put(const cs_call *c, const cs_entry_t *e, apr_time_t now)
     apr_thread_rwlock_unlock(cs_g.local_lock);
 }
 
-/* The user's token: this process's copy, else the shared store's. */
+/* The user's token: this process's copy, else the shared store's. A user
+ * who got a refreshed token never gets the older one again. */
 static int token_get(cs_call *c, apr_time_t now, cs_entry_t *e)
 {
-    if (local_get(c, now, e))
+    apr_time_t refresh_at;
+
+    /* in its refresh window, a copy may be older than what another process
+     * has just stored: the shared cache tells */
+    if (local_get(c, now, e) &&
+        (!(refresh_at = cs_serve_refresh_at(e, &c->policy)) ||
+         now < refresh_at))
         return 1;
     if (!store_get(c, CS_ID_TOKEN, e))
         return 0;
@@ -1019,6 +1110,8 @@ static int check_key_endpoint(apr_pool_t *p, server_rec *s,
     const char *err = NULL;
     if (!d->key)
         return OK;
+    if (d->key->mode == CS_KEY_TEST)
+        cs_g.sandbox = 1; /* noticed once, in post_config */
     if (cs_endpoint_check_key(p, effective_endpoint(d), d->key, &err) !=
         APR_SUCCESS) {
         ap_log_error(APLOG_MARK, APLOG_EMERG, 0, s,
@@ -1034,15 +1127,37 @@ static int check_key_endpoint(apr_pool_t *p, server_rec *s,
     return OK;
 }
 
+/* Checks every section of secs (of one kind: Location, Directory, Files or
+ * If), and the <Files> and <If> sections nested in each (httpd keeps those
+ * in the enclosing section's core config, and top-level ones in the
+ * server's), each merged over what encloses it. */
 static int check_sections(apr_pool_t *p, server_rec *s, const cs_dir_conf *base,
-                          apr_array_header_t *secs)
+                          apr_array_header_t *secs, const char *kind,
+                          const char *outer, int depth)
 {
     for (int i = 0; secs && i < secs->nelts; i++) {
         ap_conf_vector_t *v = APR_ARRAY_IDX(secs, i, ap_conf_vector_t *);
         cs_dir_conf *d = ap_get_module_config(v, &cardscan_module);
         core_dir_config *core = ap_get_core_module_config(v);
-        if (d && check_key_endpoint(p, s, merge_dir_conf(p, (void *)base, d),
-                                    core && core->d ? core->d : "?") != OK)
+        const cs_dir_conf *merged =
+            d ? merge_dir_conf(p, (void *)base, d) : base;
+        const char *name;
+
+        if (core && core->condition)
+            name = apr_psprintf(p, "<If> at %s:%u", core->condition->filename,
+                                core->condition->line_number);
+        else
+            name = apr_psprintf(p, "<%s %s>", kind,
+                                core && core->d ? core->d : "?");
+        if (outer)
+            name = apr_pstrcat(p, outer, " ", name, NULL);
+        if (check_key_endpoint(p, s, merged, name) != OK)
+            return !OK;
+        if (core && depth < 16 &&
+            (check_sections(p, s, merged, core->sec_file, "Files", name,
+                            depth + 1) != OK ||
+             check_sections(p, s, merged, core->sec_if, "If", name,
+                            depth + 1) != OK))
             return !OK;
     }
     return OK;
@@ -1120,9 +1235,15 @@ static int cs_check_config(apr_pool_t *pconf, apr_pool_t *plog,
         core_server_config *core = ap_get_core_module_config(s->module_config);
         cs_dir_conf *base =
             ap_get_module_config(s->lookup_defaults, &cardscan_module);
+        core_dir_config *dcore = ap_get_core_module_config(s->lookup_defaults);
         if (check_key_endpoint(ptemp, s, base, NULL) != OK ||
-            check_sections(ptemp, s, base, core->sec_url) != OK ||
-            check_sections(ptemp, s, base, core->sec_dir) != OK)
+            check_sections(ptemp, s, base, core->sec_url, "Location", NULL,
+                           0) != OK ||
+            check_sections(ptemp, s, base, core->sec_dir, "Directory", NULL,
+                           0) != OK ||
+            check_sections(ptemp, s, base, dcore->sec_file, "Files", NULL, 0) !=
+                OK ||
+            check_sections(ptemp, s, base, dcore->sec_if, "If", NULL, 0) != OK)
             return !OK;
     }
     if (split_cache_spec(ptemp, &name, &args) && fleet_store_name(name)) {
@@ -1333,6 +1454,15 @@ static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
     if (ap_state_query(AP_SQ_MAIN_STATE) == AP_SQ_MS_CREATE_PRE_CONFIG)
         return OK;
 
+    if (cs_g.sandbox)
+        ap_log_error(APLOG_MARK, APLOG_NOTICE, 0, s,
+                     APLOGNO(10570) "mod_cardscan: a test API key is "
+                                    "configured: its tokens are for the "
+                                    "CardScan sandbox, which is not HIPAA "
+                                    "compliant and must not see PHI (real "
+                                    "patients' cards); use a live key for "
+                                    "them");
+
     if ((rv = attach_metrics(s)) != APR_SUCCESS)
         return HTTP_INTERNAL_SERVER_ERROR;
 
@@ -1448,23 +1578,73 @@ static void cs_child_init(apr_pool_t *p, server_rec *s)
 
 /* ---------------------------------------------------------------- replies */
 
+static cs_req_state *req_state(request_rec *r, int create)
+{
+    cs_req_state *st =
+        ap_get_module_config(r->request_config, &cardscan_module);
+    if (!st && create) {
+        st = apr_pcalloc(r->pool, sizeof(*st));
+        ap_set_module_config(r->request_config, &cardscan_module, st);
+    }
+    return st;
+}
+
+/* CORS: a reply to an origin CardScanAllowOrigin lists may be read by that
+ * origin's scripts, with credentials. Never "*"; other origins get no
+ * Access-Control-* header. In err_headers_out, so that errors carry it too.
+ * Returns whether the request's origin is listed. */
+static int cors_allow(request_rec *r, const cs_dir_conf *d)
+{
+    const char *origin, *vary;
+
+    if (!d->origins)
+        return 0;
+    vary = apr_table_get(r->err_headers_out, "Vary");
+    if (!vary || !ap_find_token(r->pool, vary, "Origin"))
+        apr_table_mergen(r->err_headers_out, "Vary", "Origin");
+    origin = apr_table_get(r->headers_in, "Origin");
+    if (!cs_origin_listed(d->origins, origin))
+        return 0;
+    apr_table_setn(r->err_headers_out, "Access-Control-Allow-Origin", origin);
+    apr_table_setn(r->err_headers_out, "Access-Control-Allow-Credentials",
+                   "true");
+    return 1;
+}
+
 static int send_json(request_rec *r, int status, const char *body,
                      apr_size_t len)
 {
+    cs_req_state *st = req_state(r, 0);
+    apr_bucket_brigade *bb;
+
     r->status = status;
     ap_set_content_type(r, "application/json");
     apr_table_setn(r->headers_out, "Cache-Control", "no-store");
+    cors_allow(r, ap_get_module_config(r->per_dir_config, &cardscan_module));
+    apr_table_setn(r->headers_out, "X-Content-Type-Options", "nosniff");
     ap_set_content_length(r, len);
-    if (!r->header_only)
-        ap_rwrite(body, (int)len, r);
+    if (r->header_only)
+        return OK;
+    bb = apr_brigade_create(r->pool, r->connection->bucket_alloc);
+    APR_BRIGADE_INSERT_TAIL(
+        bb, apr_bucket_pool_create(body, len, r->pool, bb->bucket_alloc));
+    ap_pass_brigade(st && st->reply ? st->reply : r->output_filters, bb);
     return OK;
+}
+
+/* The outcome of a request, recorded once: the metric, and the request note
+ * mod_log_config logs as %{cardscan-outcome}n. */
+static void note_outcome(request_rec *r, cs_outcome_e outcome)
+{
+    cs_metrics_request(cs_g.metrics, outcome);
+    apr_table_setn(r->notes, "cardscan-outcome", cs_outcome_name(outcome));
 }
 
 static int send_error(request_rec *r, cs_outcome_e outcome, int status,
                       const char *code, const char *message)
 {
     const char *body = cs_reply_error(r->pool, code, message);
-    cs_metrics_request(cs_g.metrics, outcome);
+    note_outcome(r, outcome);
     return send_json(r, status, body, strlen(body));
 }
 
@@ -1475,25 +1655,9 @@ static int send_entry(request_rec *r, const cs_entry_t *e, cs_outcome_e outcome)
         apr_table_setn(
             r->headers_out, "Retry-After",
             apr_itoa(r->pool, cs_serve_retry_after(e, apr_time_now())));
-    cs_metrics_request(cs_g.metrics,
-                       e->kind == CS_ENTRY_TOKEN ? outcome : CS_OUT_ERROR);
+    note_outcome(r, e->kind == CS_ENTRY_TOKEN ? outcome : CS_OUT_ERROR);
     return send_json(r, e->kind == CS_ENTRY_TOKEN ? HTTP_OK : e->status,
                      e->body, e->body_len);
-}
-
-static int retry_after_seconds(const char *v)
-{
-    apr_time_t t;
-    if (!v || !*v)
-        return 0;
-    if (apr_isdigit(*v)) {
-        long n = strtol(v, NULL, 10);
-        return n > 0 && n < 86400 ? (int)n : 0;
-    }
-    t = apr_date_parse_http(v);
-    if (t > apr_time_now())
-        return (int)apr_time_sec(t - apr_time_now()) + 1;
-    return 0;
 }
 
 /* ------------------------------------------------------------ the API call */
@@ -1604,7 +1768,7 @@ static void fetch_token(cs_call *c, cs_entry_t *e)
             e->kind = CS_ENTRY_TOKEN;
             e->lifetime = cs_token_lifetime(&tok, now);
             e->expires = e->lifetime ? now + e->lifetime : 0;
-            e->body = cs_reply_token(c->p, &tok, e->expires);
+            e->body = cs_reply_token(c->p, &tok, e->expires, c->d->key->mode);
             e->body_len = strlen(e->body);
             call_log(c, APLOG_DEBUG, 0,
                      APLOGNO(10515) "mod_cardscan: new token from %s in "
@@ -1630,7 +1794,7 @@ static void fetch_token(cs_call *c, cs_entry_t *e)
                     "the CardScan API rejected this server's API key", 0);
     }
     else if (resp.result == CS_UP_OK && resp.status == 429) {
-        int ra = retry_after_seconds(resp.retry_after);
+        int ra = cs_retry_after(resp.retry_after, apr_time_now());
         call_log(c, APLOG_WARNING, 0,
                  APLOGNO(10518) "mod_cardscan: %s: rate limited (HTTP 429, "
                                 "Retry-After %s)",
@@ -1789,6 +1953,9 @@ static int call_or_wait(cs_call *c, cs_entry_t *e)
         return send_unavailable(r, retry_after);
     }
     fetch_token(c, e);
+    apr_table_setn(
+        r->notes, "cardscan-upstream-ms",
+        apr_psprintf(r->pool, "%" APR_TIME_T_FMT, apr_time_as_msec(c->called)));
     store_result(c, e);
     if (locked)
         store_unlock(c, 0);
@@ -1889,7 +2056,9 @@ static int refresh_later(const cs_call *c, const cs_entry_t *tok)
     job = apr_pcalloc(pool, sizeof(*job));
     job->pool = pool;
     job->s = c->s;
-    job->d = c->d;
+    /* a request's merged configuration may live in its pool: copy it (what
+     * it points to lives in the configuration pool) */
+    job->d = apr_pmemdup(pool, c->d, sizeof(*c->d));
     job->user_id = apr_pstrdup(pool, c->user_id);
     job->seen = tok->created;
     if (apr_thread_pool_push(cs_g.refresher, refresh_task, job, 0, NULL) !=
@@ -1931,6 +2100,24 @@ static int serve_user(request_rec *r, const cs_dir_conf *d, const char *user_id)
     return call_or_wait(&c, &tok);
 }
 
+/* Whether the location cannot serve tokens (then the error is sent): no
+ * key applies, or this process has no upstream client. */
+static int not_configured(request_rec *r, const cs_dir_conf *d)
+{
+    if (d->key && cs_g.upstream)
+        return 0;
+    ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
+                  APLOGNO(10521) "mod_cardscan: %s",
+                  d->key ? "the upstream client failed to start"
+                         : "no CardScanAPIKey applies to this location");
+    send_error(r, CS_OUT_ERROR, HTTP_INTERNAL_SERVER_ERROR, "not_configured",
+               "the CardScan session endpoint is not configured");
+    return 1;
+}
+
+static int serve_user_id(request_rec *r, const cs_dir_conf *d,
+                         const char *user_id);
+
 static int cs_session_handler(request_rec *r)
 {
     cs_dir_conf *d;
@@ -1938,6 +2125,18 @@ static int cs_session_handler(request_rec *r)
 
     if (!r->handler || strcmp(r->handler, CS_HANDLER) != 0)
         return DECLINED;
+
+    /* A subrequest (an SSI include, a mod_rewrite lookahead, ...) would put
+     * the user's token into another response: never, and no API call. */
+    if (r->main) {
+        ap_log_rerror(APLOG_MARK, APLOG_INFO, 0, r,
+                      APLOGNO(10541) "mod_cardscan: refusing a subrequest "
+                                     "for %s (from %s)",
+                      r->uri, r->main->uri);
+        return send_error(r, CS_OUT_DENIED, HTTP_FORBIDDEN, "subrequest",
+                          "the session endpoint does not answer "
+                          "subrequests (such as server-side includes)");
+    }
 
     r->allowed = (AP_METHOD_BIT << M_GET) | (AP_METHOD_BIT << M_POST);
     if (r->method_number != M_GET && r->method_number != M_POST) {
@@ -1951,15 +2150,8 @@ static int cs_session_handler(request_rec *r)
                           "the request body could not be read");
 
     d = ap_get_module_config(r->per_dir_config, &cardscan_module);
-    if (!d->key || !cs_g.upstream) {
-        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
-                      APLOGNO(10521) "mod_cardscan: %s",
-                      d->key ? "the upstream client failed to start"
-                             : "no CardScanAPIKey applies to this location");
-        return send_error(r, CS_OUT_ERROR, HTTP_INTERNAL_SERVER_ERROR,
-                          "not_configured",
-                          "the CardScan session endpoint is not configured");
-    }
+    if (not_configured(r, d))
+        return OK;
 
     /* Identity: only from the authenticated request, never from anything
      * the client sends. Fail closed: no authenticated user, no token, even
@@ -1985,13 +2177,28 @@ static int cs_session_handler(request_rec *r)
         user_id = r->user;
     }
     if (!user_id || !*user_id) {
+        /* the user only from trace4 up: ids are personal data */
         ap_log_rerror(APLOG_MARK, APLOG_INFO, 0, r,
                       APLOGNO(10530) "mod_cardscan: CardScanUserID is empty "
+                                     "for this login");
+        ap_log_rerror(APLOG_MARK, APLOG_TRACE4, 0, r,
+                      APLOGNO(10540) "mod_cardscan: CardScanUserID is empty "
                                      "for user %s",
                       r->user);
         return send_error(r, CS_OUT_DENIED, HTTP_FORBIDDEN, "no_user_id",
                           "no user id is known for this login");
     }
+    return serve_user_id(r, d, user_id);
+}
+
+/* The reply for a user id from CardScanUserID or a backend: its checks,
+ * then serve_user. The handler and CardScanBackendUser's filter both end
+ * here. */
+static int serve_user_id(request_rec *r, const cs_dir_conf *d,
+                         const char *user_id)
+{
+    const char *err = NULL;
+
     if (cs_user_id_check(r->pool, user_id, &err) != APR_SUCCESS) {
         ap_log_rerror(APLOG_MARK, APLOG_WARNING, 0, r,
                       APLOGNO(10524) "mod_cardscan: refusing the user id: %s",
@@ -1999,8 +2206,201 @@ static int cs_session_handler(request_rec *r)
         return send_error(r, CS_OUT_DENIED, HTTP_FORBIDDEN, "invalid_user_id",
                           err);
     }
-
     return serve_user(r, d, user_id);
+}
+
+/* ------------------------------------------------------------------- CORS */
+
+/* A location that serves tokens: SetHandler cardscan-session, or
+ * CardScanBackendUser. Asked before the type checker sets r->handler. */
+static int serves_tokens(request_rec *r, const cs_dir_conf *d)
+{
+    core_dir_config *core = ap_get_core_module_config(r->per_dir_config);
+    const char *handler, *err = NULL;
+
+    if (d->backend_header)
+        return 1;
+    if (!core || !core->expr_handler)
+        return 0;
+    handler = ap_expr_str_exec(r, core->expr_handler, &err);
+    return !err && handler && strcmp(handler, CS_HANDLER) == 0;
+}
+
+/* Browsers send a CORS preflight without credentials. A genuine one (OPTIONS
+ * with Origin and Access-Control-Request-Method) from a listed origin, to a
+ * location that serves tokens, is authorised here without authentication:
+ * its answer (cs_preflight_handler) says only which methods and headers the
+ * origin may use, and never calls the API. Every other request goes on to
+ * Apache's authentication as usual. */
+static int cs_check_access_ex(request_rec *r)
+{
+    cs_dir_conf *d = ap_get_module_config(r->per_dir_config, &cardscan_module);
+
+    if (!d->origins || r->main || !serves_tokens(r, d) ||
+        !cs_origin_listed(d->origins, apr_table_get(r->headers_in, "Origin")))
+        return DECLINED;
+    if (r->method_number == M_OPTIONS &&
+        apr_table_get(r->headers_in, "Access-Control-Request-Method")) {
+        req_state(r, 1)->preflight = 1;
+        ap_log_rerror(APLOG_MARK, APLOG_TRACE1, 0, r,
+                      "mod_cardscan: CORS preflight from %s",
+                      apr_table_get(r->headers_in, "Origin"));
+        return OK;
+    }
+    /* Apache's own 401 is readable by the app too, so that it can tell
+     * "log in first" from a network error (not a backend's pages) */
+    if (!d->backend_header)
+        cors_allow(r, d);
+    return DECLINED;
+}
+
+/* Runs before every other handler (mod_proxy's included) for the preflights
+ * cs_check_access_ex let through. */
+static int cs_preflight_handler(request_rec *r)
+{
+    cs_req_state *st = req_state(r, 0);
+
+    if (!st || !st->preflight)
+        return DECLINED;
+    if (ap_discard_request_body(r) != OK)
+        return HTTP_BAD_REQUEST;
+    cors_allow(r, ap_get_module_config(r->per_dir_config, &cardscan_module));
+    apr_table_setn(r->headers_out, "Access-Control-Allow-Methods", "GET, POST");
+    if (apr_table_get(r->headers_in, "Access-Control-Request-Headers"))
+        apr_table_setn(r->headers_out, "Access-Control-Allow-Headers",
+                       "Authorization, Content-Type, Accept");
+    apr_table_setn(r->headers_out, "Access-Control-Max-Age", CS_CORS_MAX_AGE);
+    apr_table_setn(r->headers_out, "Cache-Control", "no-store");
+    r->status = HTTP_NO_CONTENT;
+    return OK;
+}
+
+/* ---------------------------------------------------- CardScanBackendUser */
+
+/* Header names as CGI sees them: X-CardScan-User and X_CardScan_User are
+ * one variable there (HTTP_X_CARDSCAN_USER). */
+static int same_header(const char *a, const char *b)
+{
+    for (; *a && *b; a++, b++) {
+        char x = *a == '_' ? '-' : apr_tolower(*a);
+        char y = *b == '_' ? '-' : apr_tolower(*b);
+        if (x != y)
+            return 0;
+    }
+    return *a == *b;
+}
+
+typedef struct {
+    const char *name;
+    apr_array_header_t *found; /* names of the matching entries */
+} cs_header_match;
+
+static int match_header(void *baton, const char *key, const char *value)
+{
+    cs_header_match *m = baton;
+    (void)value;
+    if (same_header(key, m->name))
+        APR_ARRAY_PUSH(m->found, const char *) = key;
+    return 1;
+}
+
+/* Removes every header of that name (or its underscore form) from t;
+ * returns how many there were. */
+static int strip_header(apr_pool_t *p, apr_table_t *t, const char *name)
+{
+    cs_header_match m = {name, apr_array_make(p, 1, sizeof(const char *))};
+    apr_table_do(match_header, &m, t, NULL);
+    for (int i = 0; i < m.found->nelts; i++)
+        apr_table_unset(t, APR_ARRAY_IDX(m.found, i, const char *));
+    return m.found->nelts;
+}
+
+/* The client cannot name the user: a request header of that name never
+ * reaches the backend. */
+static int cs_fixups(request_rec *r)
+{
+    cs_dir_conf *d = ap_get_module_config(r->per_dir_config, &cardscan_module);
+    if (d->backend_header &&
+        strip_header(r->pool, r->headers_in, d->backend_header))
+        ap_log_rerror(APLOG_MARK, APLOG_INFO, 0, r,
+                      APLOGNO(10571) "mod_cardscan: removed the client's %s "
+                                     "request header (CardScanBackendUser)",
+                      d->backend_header);
+    return DECLINED;
+}
+
+static void cs_insert_filter(request_rec *r)
+{
+    cs_dir_conf *d = ap_get_module_config(r->per_dir_config, &cardscan_module);
+    if (d->backend_header && !r->main)
+        ap_add_output_filter(CS_BACKEND_FILTER, NULL, r, r->connection);
+}
+
+/* After the swap, the backend's body goes nowhere; its end ends the reply. */
+static apr_status_t drop_backend_body(ap_filter_t *f, apr_bucket_brigade *bb)
+{
+    int eos = 0;
+
+    for (apr_bucket *b = APR_BRIGADE_FIRST(bb); b != APR_BRIGADE_SENTINEL(bb);
+         b = APR_BUCKET_NEXT(b))
+        eos = eos || APR_BUCKET_IS_EOS(b);
+    apr_brigade_cleanup(bb);
+    if (!eos)
+        return APR_SUCCESS;
+    ap_remove_output_filter(f);
+    APR_BRIGADE_INSERT_TAIL(bb, apr_bucket_eos_create(f->c->bucket_alloc));
+    return ap_pass_brigade(f->next, bb);
+}
+
+/* CardScanBackendUser: the backend (proxy, CGI, ...) names the user in a
+ * response header. A 200 naming one user is replaced by that user's token
+ * reply, served as the handler serves it; any other response passes
+ * untouched. The header never reaches the client. */
+static apr_status_t cs_backend_filter(ap_filter_t *f, apr_bucket_brigade *bb)
+{
+    request_rec *r = f->r;
+    cs_dir_conf *d = ap_get_module_config(r->per_dir_config, &cardscan_module);
+    cs_req_state *st;
+    const char *user_id;
+    int n;
+
+    if (f->ctx)
+        return drop_backend_body(f, bb);
+    user_id = apr_table_get(r->headers_out, d->backend_header);
+    if (!user_id)
+        user_id = apr_table_get(r->err_headers_out, d->backend_header);
+    n = strip_header(r->pool, r->headers_out, d->backend_header) +
+        strip_header(r->pool, r->err_headers_out, d->backend_header);
+    if (r->status != HTTP_OK || n == 0 || !user_id) {
+        ap_remove_output_filter(f);
+        return ap_pass_brigade(f->next, bb);
+    }
+
+    /* the backend's response is replaced, headers and all */
+    f->ctx = f;
+    r->headers_out = apr_table_make(r->pool, 8);
+    r->status_line = NULL;
+    r->content_encoding = NULL;
+    r->content_languages = NULL;
+    st = req_state(r, 1);
+    st->reply = f->next;
+    if (n > 1) {
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
+                      APLOGNO(10572) "mod_cardscan: the backend sent %d %s "
+                                     "headers: refusing to pick one",
+                      n, d->backend_header);
+        send_error(r, CS_OUT_DENIED, HTTP_FORBIDDEN, "invalid_user_id",
+                   "the application named more than one user");
+    }
+    else if (!not_configured(r, d)) {
+        const char *err = NULL;
+        /* %u in the access log: the user the application named */
+        if (!r->user && cs_user_id_check(r->pool, user_id, &err) == APR_SUCCESS)
+            r->user = apr_pstrdup(r->pool, user_id);
+        serve_user_id(r, d, user_id);
+    }
+    st->reply = NULL;
+    return drop_backend_body(f, bb);
 }
 
 /* ---------------------------------------------------------------- metrics */
@@ -2062,6 +2462,13 @@ static void cs_register_hooks(apr_pool_t *p)
     ap_hook_check_config(cs_check_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_post_config(cs_post_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_child_init(cs_child_init, NULL, NULL, APR_HOOK_MIDDLE);
+    ap_hook_check_access_ex(cs_check_access_ex, NULL, NULL, APR_HOOK_FIRST,
+                            AP_AUTH_INTERNAL_PER_CONF);
+    ap_hook_handler(cs_preflight_handler, NULL, NULL, APR_HOOK_REALLY_FIRST);
+    ap_hook_fixups(cs_fixups, NULL, NULL, APR_HOOK_FIRST);
+    ap_hook_insert_filter(cs_insert_filter, NULL, NULL, APR_HOOK_MIDDLE);
+    ap_register_output_filter(CS_BACKEND_FILTER, cs_backend_filter, NULL,
+                              AP_FTYPE_RESOURCE - 5);
     ap_hook_handler(cs_session_handler, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_handler(cs_metrics_handler, NULL, NULL, APR_HOOK_MIDDLE);
     APR_OPTIONAL_HOOK(ap, status_hook, cs_status_hook, NULL, NULL,

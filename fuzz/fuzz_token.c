@@ -92,7 +92,7 @@ static void check_reply(apr_pool_t *p, const cs_token_t *tok, apr_time_t now,
                         apr_interval_time_t lifetime)
 {
     apr_time_t expires = tok->has_exp ? now + lifetime : 0;
-    char *body = cs_reply_token(p, tok, expires);
+    char *body = cs_reply_token(p, tok, expires, CS_KEY_TEST);
     const char *exp_at;
     cJSON *j, *item;
 

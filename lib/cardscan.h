@@ -10,6 +10,7 @@
 
 #include <apr_pools.h>
 #include <apr_time.h>
+#include <apr_tables.h>
 #include <apr_thread_mutex.h>
 
 #define CS_VERSION "0.1.0"
@@ -37,16 +38,21 @@ apr_status_t cs_key_parse(apr_pool_t *p, const char *secret, cs_key_t **key,
 
 /* Loads a key from "file:/path", "env:NAME" or a literal, then parses it.
  * *warning is set (or NULL) for a usable key with a risk worth logging,
- * such as a key file that other users can read. */
+ * such as a key file that other users can read. An env: variable is
+ * removed from the process environment once read, so that no child
+ * program inherits it; the process keeps its value (in its root pool) for
+ * the next reading of the configuration. */
 apr_status_t cs_key_load(apr_pool_t *p, const char *spec, cs_key_t **key,
                          const char **warning, const char **err);
 
 /* Reads a secret given as "file:/path" (read now: at start-up, as root),
- * "env:NAME" or a literal. `what` names it in messages ("API key", "cache
- * password"); *from_file is set when *secret is a copy the caller may
- * cleanse. *warning as for cs_key_load. Never puts the secret in *err. */
+ * "env:NAME" (taken out of the environment, and kept for the next reading
+ * of the configuration) or a literal. `what` names it in messages ("API
+ * key", "cache password"); *secret is a copy the caller may cleanse unless
+ * it is spec itself. *warning as for cs_key_load. Never puts the secret in
+ * *err. */
 apr_status_t cs_secret_load(apr_pool_t *p, const char *spec, const char *what,
-                            char **secret, int *from_file, const char **warning,
+                            char **secret, const char **warning,
                             const char **err);
 
 /* The masked form of any string given as a key: prefix, ellipsis, last 4. */
@@ -62,7 +68,8 @@ void cs_key_set_seal_secret(cs_key_t *key, const void *secret, apr_size_t len);
 
 const char *cs_endpoint_default(const cs_key_t *key);
 
-/* Checks an endpoint URL: https, or http only to a loopback host; no query.
+/* Checks an endpoint URL: https, or http only to a loopback host (an
+ * address in 127.0.0.0/8 or ::1, or the name localhost); no query.
  * *norm receives the URL without trailing slashes. */
 apr_status_t cs_endpoint_check(apr_pool_t *p, const char *url,
                                const char **norm, const char **err);
@@ -83,6 +90,18 @@ apr_status_t cs_user_id_check(apr_pool_t *p, const char *id, const char **err);
  * reaches the API as exactly one query value. */
 const char *cs_user_id_encode(apr_pool_t *p, const char *id);
 
+/* --------------------------------------------------------------- origin */
+
+/* Checks a CORS origin as configured: scheme://host[:port], scheme http or
+ * https, no path, no wildcard. *norm receives it as browsers send it:
+ * scheme and host in lower case, without the scheme's default port. */
+apr_status_t cs_origin_check(apr_pool_t *p, const char *origin,
+                             const char **norm, const char **err);
+
+/* Whether a request's Origin header is one of the normalised origins (an
+ * exact match; "null" and a missing Origin never are). */
+int cs_origin_listed(const apr_array_header_t *origins, const char *origin);
+
 /* ---------------------------------------------------------------- token */
 
 typedef struct cs_token {
@@ -100,8 +119,10 @@ typedef struct cs_token {
 apr_status_t cs_token_parse(apr_pool_t *p, const char *body, apr_size_t len,
                             apr_time_t now, cs_token_t *tok, const char **err);
 
-/* How long the token lives from its receipt: exp - iat (robust to a skewed
- * clock), exp - now without iat; 0 without exp (not cacheable). */
+/* How long the token lives from its receipt at `now`: the earlier of
+ * exp - iat (not longer than issued for, whatever this clock says) and
+ * exp - now (never past exp by this clock); 0 without exp (not
+ * cacheable). */
 apr_interval_time_t cs_token_lifetime(const cs_token_t *tok, apr_time_t now);
 
 /* Decodes base64url (padding optional) into a NUL-terminated buffer. */
@@ -112,8 +133,11 @@ apr_status_t cs_base64url_decode(apr_pool_t *p, const char *in,
 /* ---------------------------------------------------------------- reply */
 
 /* The JSON body sent to the client for a token; expires is the local time
- * the token expires (0: unknown, then expires_at is left out). */
-char *cs_reply_token(apr_pool_t *p, const cs_token_t *tok, apr_time_t expires);
+ * the token expires (0: unknown, then expires_at is left out). live is the
+ * key's mode: "live": "true" or "false" tells the client SDK which CardScan
+ * environment the token belongs to. */
+char *cs_reply_token(apr_pool_t *p, const cs_token_t *tok, apr_time_t expires,
+                     cs_key_mode_e mode);
 
 /* {"error": code, "message": message} */
 char *cs_reply_error(apr_pool_t *p, const char *code, const char *message);
@@ -222,6 +246,18 @@ apr_status_t cs_upstream_create(apr_pool_t *p, cs_upstream_t **u,
 void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
                        const cs_upstream_req_t *req, cs_upstream_resp_t *resp);
 
+/* Copies one line of libcurl's verbose output into out (outsize bytes,
+ * always NUL-terminated) with every credential masked, wherever it is in
+ * the line and whatever the protocol's way of printing headers. Returns
+ * the length written. */
+apr_size_t cs_trace_mask(char *out, apr_size_t outsize, const char *line,
+                         apr_size_t len);
+
+/* The seconds a Retry-After header value asks for at `now`: 0 when absent
+ * or unparseable, else delta-seconds or an HTTP-date, clamped to
+ * [1, 3600]. */
+int cs_retry_after(const char *header, apr_time_t now);
+
 /* The full URL of a request, for tests and logs (no secrets in it). */
 const char *cs_upstream_url(apr_pool_t *p, const char *endpoint,
                             const char *user_id);
@@ -323,6 +359,10 @@ typedef struct cs_metrics {
 } cs_metrics_t;
 
 void cs_metrics_request(cs_metrics_t *m, cs_outcome_e outcome);
+
+/* The outcome's label: "hit", "fetched", ... (the metric's outcome label and
+ * the cardscan-outcome request note). */
+const char *cs_outcome_name(cs_outcome_e outcome);
 void cs_metrics_cache(cs_metrics_t *m, int hit);
 void cs_metrics_wait(cs_metrics_t *m);
 void cs_metrics_refresh(cs_metrics_t *m, cs_refresh_e result);

@@ -5,6 +5,8 @@
 #include <apr_lib.h>
 #include <apr_strings.h>
 #include <apr_uri.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <string.h>
 
 #define SANDBOX_HOST "sandbox.cardscan.ai"
@@ -15,21 +17,29 @@ const char *cs_endpoint_default(const cs_key_t *key)
     return key->mode == CS_KEY_LIVE ? CS_LIVE_URL : CS_SANDBOX_URL;
 }
 
+/* Loopback by address, parsed (never by prefix: 127.0.0.256 or 127.1.2.3.4
+ * would go to DNS), or by the one name that means it. */
 static int host_is_loopback(const char *host)
 {
+    struct in_addr a4;
+    struct in6_addr a6;
+    char buf[INET6_ADDRSTRLEN + 1];
+    apr_size_t n;
+
     if (!host)
         return 0;
-    if (strcasecmp(host, "localhost") == 0 || strcmp(host, "::1") == 0 ||
-        strcmp(host, "[::1]") == 0)
+    if (strcasecmp(host, "localhost") == 0)
         return 1;
-    /* 127.0.0.0/8, written as a dotted quad */
-    if (strncmp(host, "127.", 4) == 0) {
-        for (const char *c = host + 4; *c; c++)
-            if (!apr_isdigit(*c) && *c != '.')
-                return 0;
-        return 1;
+    if (inet_pton(AF_INET, host, &a4) == 1)
+        return (ntohl(a4.s_addr) >> 24) == 127;
+    n = strlen(host);
+    if (n >= 2 && host[0] == '[' && host[n - 1] == ']' && n - 2 < sizeof(buf)) {
+        memcpy(buf, host + 1, n - 2);
+        buf[n - 2] = '\0';
+        host = buf;
     }
-    return 0;
+    return inet_pton(AF_INET6, host, &a6) == 1 &&
+           memcmp(&a6, &in6addr_loopback, sizeof(a6)) == 0;
 }
 
 apr_status_t cs_endpoint_check(apr_pool_t *p, const char *url,

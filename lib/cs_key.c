@@ -111,15 +111,14 @@ apr_status_t cs_key_load(apr_pool_t *p, const char *spec, cs_key_t **key,
                          const char **warning, const char **err)
 {
     char *secret = NULL;
-    int from_file;
     apr_status_t rv;
 
-    rv = cs_secret_load(p, spec, "API key", &secret, &from_file, warning, err);
+    rv = cs_secret_load(p, spec, "API key", &secret, warning, err);
     if (rv != APR_SUCCESS)
         return rv;
     rv = cs_key_parse(p, secret, key, err);
-    /* the parsed key keeps its own copy; the environment's stays as is */
-    if (from_file)
+    /* the parsed key keeps its own copy */
+    if (secret != spec)
         OPENSSL_cleanse(secret, strlen(secret));
     return rv;
 }

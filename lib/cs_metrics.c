@@ -30,6 +30,12 @@ void cs_metrics_request(cs_metrics_t *m, cs_outcome_e outcome)
         ADD(m->requests[outcome], 1);
 }
 
+const char *cs_outcome_name(cs_outcome_e outcome)
+{
+    return (unsigned)outcome < CS_OUT_COUNT ? outcome_names[outcome]
+                                            : "unknown";
+}
+
 void cs_metrics_cache(cs_metrics_t *m, int hit)
 {
     if (!m)

@@ -23,7 +23,8 @@ const char *cs_rfc3339(apr_pool_t *p, apr_time_t t)
                         x.tm_mon + 1, x.tm_mday, x.tm_hour, x.tm_min, x.tm_sec);
 }
 
-char *cs_reply_token(apr_pool_t *p, const cs_token_t *tok, apr_time_t expires)
+char *cs_reply_token(apr_pool_t *p, const cs_token_t *tok, apr_time_t expires,
+                     cs_key_mode_e mode)
 {
     cJSON *o = cJSON_CreateObject();
 
@@ -36,6 +37,8 @@ char *cs_reply_token(apr_pool_t *p, const cs_token_t *tok, apr_time_t expires)
     cJSON_AddStringToObject(o, "session", tok->token);
     if (expires)
         cJSON_AddStringToObject(o, "expires_at", cs_rfc3339(p, expires));
+    /* a string too: the React and Swift SDKs take it as their live flag */
+    cJSON_AddStringToObject(o, "live", mode == CS_KEY_LIVE ? "true" : "false");
     return print_to_pool(p, o);
 }
 

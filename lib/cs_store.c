@@ -142,7 +142,6 @@ apr_status_t cs_store_auth_load(apr_pool_t *p, const char *a1, const char *a2,
 {
     const char *spec = a2 ? a2 : a1;
     char *secret;
-    int from_file;
     apr_status_t rv;
 
     *username = NULL;
@@ -160,8 +159,7 @@ apr_status_t cs_store_auth_load(apr_pool_t *p, const char *a1, const char *a2,
         }
         *username = apr_pstrdup(p, a1);
     }
-    rv = cs_secret_load(p, spec, "cache password", &secret, &from_file, warning,
-                        err);
+    rv = cs_secret_load(p, spec, "cache password", &secret, warning, err);
     if (rv != APR_SUCCESS)
         return rv;
     if (!*secret) {

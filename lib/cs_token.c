@@ -185,10 +185,18 @@ out:
 
 apr_interval_time_t cs_token_lifetime(const cs_token_t *tok, apr_time_t now)
 {
-    apr_int64_t secs;
+    apr_interval_time_t to_exp, issued;
 
     if (!tok->has_exp)
         return 0;
-    secs = tok->has_iat ? tok->exp - tok->iat : tok->exp - apr_time_sec(now);
-    return secs > 0 ? apr_time_from_sec(secs) : 0;
+    /* exp - now: never served past exp by this clock, even for a token
+     * issued long ago; exp - iat: never longer than the token was issued
+     * for, even when this clock is behind the upstream's */
+    to_exp = apr_time_from_sec(tok->exp) - now;
+    if (tok->has_iat) {
+        issued = apr_time_from_sec(tok->exp - tok->iat);
+        if (issued < to_exp)
+            to_exp = issued;
+    }
+    return to_exp > 0 ? to_exp : 0;
 }

@@ -7,16 +7,24 @@
  * concurrent threads. */
 #include "cardscan.h"
 
+#include <apr_date.h>
 #include <apr_lib.h>
 #include <apr_strings.h>
-#include <apr_tables.h>
 #include <curl/curl.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* Easy handles kept per process, at most: one per worker thread that
+ * called at the same time, up to here (ThreadsPerChild is 25 by default). */
+#define CS_UPSTREAM_IDLE 32
 
 struct cs_upstream {
     apr_pool_t *pool;
-    apr_thread_mutex_t *lock; /* guards idle */
-    apr_array_header_t *idle; /* CURL *, most recently used last */
+    apr_thread_mutex_t *lock; /* guards idle and nidle */
+    /* CURL *, most recently used last; allocated once: APR pools are not
+     * thread-safe, so nothing may grow from the worker threads */
+    CURL **idle;
+    int nidle;
     CURLSH *share;
     apr_thread_mutex_t *share_lock[CURL_LOCK_DATA_LAST];
 };
@@ -64,9 +72,9 @@ static void share_unlock(CURL *h, curl_lock_data data, void *baton)
 static apr_status_t upstream_cleanup(void *data)
 {
     cs_upstream_t *u = data;
-    for (int i = 0; i < u->idle->nelts; i++)
-        curl_easy_cleanup(APR_ARRAY_IDX(u->idle, i, CURL *));
-    u->idle->nelts = 0;
+    for (int i = 0; i < u->nidle; i++)
+        curl_easy_cleanup(u->idle[i]);
+    u->nidle = 0;
     if (u->share)
         curl_share_cleanup(u->share);
     u->share = NULL;
@@ -79,10 +87,13 @@ apr_status_t cs_upstream_create(apr_pool_t *p, cs_upstream_t **out,
     cs_upstream_t *u = apr_pcalloc(p, sizeof(*u));
     static const curl_lock_data shared[] = {CURL_LOCK_DATA_DNS,
                                             CURL_LOCK_DATA_SSL_SESSION};
+    /* libcurl also locks the share's own state, under this one */
+    static const curl_lock_data locked[] = {
+        CURL_LOCK_DATA_SHARE, CURL_LOCK_DATA_DNS, CURL_LOCK_DATA_SSL_SESSION};
     apr_status_t rv;
 
     u->pool = p;
-    u->idle = apr_array_make(p, 8, sizeof(CURL *));
+    u->idle = apr_pcalloc(p, CS_UPSTREAM_IDLE * sizeof(CURL *));
     rv = apr_thread_mutex_create(&u->lock, APR_THREAD_MUTEX_DEFAULT, p);
     if (rv != APR_SUCCESS) {
         *err = "cannot create the upstream client's mutex";
@@ -93,19 +104,21 @@ apr_status_t cs_upstream_create(apr_pool_t *p, cs_upstream_t **out,
         *err = "curl_share_init failed";
         return APR_ENOMEM;
     }
-    for (size_t i = 0; i < sizeof(shared) / sizeof(shared[0]); i++) {
-        rv = apr_thread_mutex_create(&u->share_lock[shared[i]],
+    for (size_t i = 0; i < sizeof(locked) / sizeof(locked[0]); i++) {
+        rv = apr_thread_mutex_create(&u->share_lock[locked[i]],
                                      APR_THREAD_MUTEX_DEFAULT, p);
         if (rv != APR_SUCCESS) {
             curl_share_cleanup(u->share);
             *err = "cannot create the upstream client's share mutex";
             return rv;
         }
-        curl_share_setopt(u->share, CURLSHOPT_SHARE, shared[i]);
     }
+    /* the lock functions first: libcurl uses them from the first share */
     curl_share_setopt(u->share, CURLSHOPT_LOCKFUNC, share_lock);
     curl_share_setopt(u->share, CURLSHOPT_UNLOCKFUNC, share_unlock);
     curl_share_setopt(u->share, CURLSHOPT_USERDATA, u);
+    for (size_t i = 0; i < sizeof(shared) / sizeof(shared[0]); i++)
+        curl_share_setopt(u->share, CURLSHOPT_SHARE, shared[i]);
     apr_pool_cleanup_register(p, u, upstream_cleanup, apr_pool_cleanup_null);
     *out = u;
     return APR_SUCCESS;
@@ -115,8 +128,8 @@ static CURL *acquire(cs_upstream_t *u)
 {
     CURL *h = NULL;
     apr_thread_mutex_lock(u->lock);
-    if (u->idle->nelts > 0)
-        h = *(CURL **)apr_array_pop(u->idle);
+    if (u->nidle > 0)
+        h = u->idle[--u->nidle];
     apr_thread_mutex_unlock(u->lock);
     return h ? h : curl_easy_init();
 }
@@ -124,8 +137,14 @@ static CURL *acquire(cs_upstream_t *u)
 static void release(cs_upstream_t *u, CURL *h)
 {
     apr_thread_mutex_lock(u->lock);
-    APR_ARRAY_PUSH(u->idle, CURL *) = h;
+    if (u->nidle < CS_UPSTREAM_IDLE) {
+        u->idle[u->nidle++] = h;
+        h = NULL;
+    }
     apr_thread_mutex_unlock(u->lock);
+    /* more threads called at once than handles are kept: this one goes */
+    if (h)
+        curl_easy_cleanup(h);
 }
 
 static size_t on_body(char *data, size_t size, size_t n, void *baton)
@@ -173,13 +192,69 @@ static size_t on_header(char *data, size_t size, size_t n, void *baton)
     return len;
 }
 
+/* Case-insensitive search of a NUL-free needle in data[0..len). */
+static const char *find_ci(const char *data, apr_size_t len, const char *needle)
+{
+    apr_size_t n = strlen(needle);
+    for (apr_size_t i = 0; i + n <= len; i++)
+        if (strncasecmp(data + i, needle, n) == 0)
+            return data + i;
+    return NULL;
+}
+
+/* Where a line's secret begins, or NULL: after "authorization:" (also
+ * proxy-authorization, and inside the "[authorization: ...]" of HTTP/2
+ * and HTTP/3 traces), after "Bearer ", or at an API key's prefix. *sep
+ * receives what goes between the kept part and "<masked>". */
+static const char *secret_start(const char *data, apr_size_t len,
+                                const char **sep)
+{
+    static const char *const key_prefixes[] = {"sk_test_", "sk_live_",
+                                               "secret_test_", "secret_live_"};
+    const char *cut = NULL, *at = data;
+    apr_size_t left = len;
+
+    while ((at = find_ci(at, left, "authorization"))) {
+        const char *c = at + 13;
+        while (c < data + len && (*c == ' ' || *c == '\t'))
+            c++;
+        if (c < data + len && *c == ':') {
+            cut = c + 1;
+            *sep = " ";
+            break;
+        }
+        at = c;
+        left = (apr_size_t)(data + len - at);
+    }
+    if ((at = find_ci(data, len, "bearer ")) && (!cut || at + 7 < cut)) {
+        cut = at + 7;
+        *sep = "";
+    }
+    for (size_t i = 0; i < sizeof(key_prefixes) / sizeof(key_prefixes[0]); i++)
+        if ((at = find_ci(data, len, key_prefixes[i])) && (!cut || at < cut)) {
+            cut = at;
+            *sep = "";
+        }
+    return cut;
+}
+
+apr_size_t cs_trace_mask(char *out, apr_size_t outsize, const char *data,
+                         apr_size_t len)
+{
+    const char *sep = "", *cut = secret_start(data, len, &sep);
+    if (cut)
+        return apr_snprintf(out, outsize, "%.*s%s<masked>", (int)(cut - data),
+                            data, sep);
+    return apr_snprintf(out, outsize, "%.*s", (int)len, data);
+}
+
 /* libcurl's verbose output, with credentials masked and bodies left out
  * (a body is a token). */
 static int on_debug(CURL *h, curl_infotype type, char *data, size_t size,
                     void *baton)
 {
     const cs_upstream_req_t *req = baton;
-    char line[1024];
+    char line[1024], masked[1024];
     (void)h;
 
     if (type != CURLINFO_TEXT && type != CURLINFO_HEADER_IN &&
@@ -190,30 +265,56 @@ static int on_debug(CURL *h, curl_infotype type, char *data, size_t size,
         size_t n = eol ? (size_t)(eol - data) + 1 : size, show = n;
         while (show && (data[show - 1] == '\n' || data[show - 1] == '\r'))
             show--;
-        if (show >= sizeof(line))
-            show = sizeof(line) - 1;
         if (show > 0) {
             const char *prefix = type == CURLINFO_TEXT        ? "* "
                                  : type == CURLINFO_HEADER_IN ? "< "
                                                               : "> ";
-            if ((show >= 14 && strncasecmp(data, "authorization:", 14) == 0) ||
-                (show >= 20 &&
-                 strncasecmp(data, "proxy-authorization:", 20) == 0))
-                apr_snprintf(
-                    line, sizeof(line), "%s%.*s <masked>", prefix,
-                    (int)(memchr(data, ':', show)
-                              ? (const char *)memchr(data, ':', show) - data + 1
-                              : 0),
-                    data);
-            else
-                apr_snprintf(line, sizeof(line), "%s%.*s", prefix, (int)show,
-                             data);
+            cs_trace_mask(masked, sizeof(masked), data, show);
+            apr_snprintf(line, sizeof(line), "%s%s", prefix, masked);
             req->trace(req->trace_baton, line);
         }
         data += n;
         size -= n;
     }
     return 0;
+}
+
+#define RETRY_AFTER_MAX 3600
+
+int cs_retry_after(const char *v, apr_time_t now)
+{
+    apr_time_t t;
+    apr_int64_t secs;
+
+    if (!v)
+        return 0;
+    while (*v == ' ' || *v == '\t')
+        v++;
+    if (apr_isdigit(*v)) {
+        /* delta-seconds: digits only; any number of them */
+        const char *c = v;
+        secs = 0;
+        while (apr_isdigit(*c)) {
+            if (secs <= RETRY_AFTER_MAX)
+                secs = secs * 10 + (*c - '0');
+            c++;
+        }
+        while (*c == ' ' || *c == '\t')
+            c++;
+        if (*c)
+            return 0;
+    }
+    else {
+        t = apr_date_parse_http(v);
+        if (t == APR_DATE_BAD)
+            return 0;
+        /* rounded up: never earlier than asked */
+        secs =
+            t > now ? (t - now + APR_USEC_PER_SEC - 1) / APR_USEC_PER_SEC : 0;
+    }
+    if (secs < 1)
+        return 1;
+    return secs > RETRY_AFTER_MAX ? RETRY_AFTER_MAX : (int)secs;
 }
 
 const char *cs_upstream_url(apr_pool_t *p, const char *endpoint,
@@ -296,7 +397,11 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
     curl_easy_setopt(h, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
     if (req->ca_file)
         curl_easy_setopt(h, CURLOPT_CAINFO, req->ca_file);
-    if (req->proxy) {
+    /* One request per token, on a kept-alive connection: HTTP/2 would add
+     * nothing but another code path (and traces that print headers their
+     * own way). See docs/operations.md. */
+    curl_easy_setopt(h, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+    if (req->proxy && strncasecmp(req->endpoint, "http://", 7) != 0) {
         curl_easy_setopt(h, CURLOPT_PROXY, req->proxy);
         /* no_proxy from Apache's environment must not bypass it */
         curl_easy_setopt(h, CURLOPT_NOPROXY, "");
@@ -307,7 +412,9 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
     }
     else {
         /* ignore http_proxy & co. from Apache's environment: the proxy is
-         * CardScanProxy's business */
+         * CardScanProxy's business. An http:// endpoint is a loopback one
+         * (cs_endpoint_check): it never goes through a proxy, which would
+         * see the key in clear. */
         curl_easy_setopt(h, CURLOPT_PROXY, "");
     }
     curl_easy_setopt(h, CURLOPT_TIMEOUT_MS,

@@ -8,8 +8,9 @@ libcurl4-openssl-dev libcjson-dev libssl-dev libhiredis-dev libmemcached-dev
 check openssl curl"
 # shellcheck disable=SC2034 # used by scripts/test
 # Running the whole test suite: the above plus sanitizers, valgrind, the
-# Python integration tests, the shared-cache backends and a browser.
-CS_TEST_PACKAGES="$CS_BUILD_PACKAGES python3 valgrind clang redis-server memcached chromium"
+# Python integration tests, the shared-cache backends, a browser and node
+# (its http2 module is the HTTP/2 upstream of test_hardening).
+CS_TEST_PACKAGES="$CS_BUILD_PACKAGES python3 valgrind clang redis-server memcached chromium nodejs"
 
 cs_missing_packages() {
     local installed p missing=""

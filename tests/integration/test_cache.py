@@ -136,7 +136,7 @@ class CacheTest(MockTestCase):
         for _ in range(3):
             doc = self.token_of(a.request(), "alice")
             self.assertNotIn("expires_at", doc)
-            self.assertEqual(set(doc), {"Token", "IdentityId", "session_id", "session"})
+            self.assertEqual(set(doc), {"Token", "IdentityId", "session_id", "session", "live"})
             tokens.add(doc["Token"])
         self.assertEqual(len(tokens), 3)
         self.assertEqual(self.mock.calls(), 3)
@@ -163,14 +163,16 @@ class CacheTest(MockTestCase):
         self.assertAlmostEqual(rfc3339_utc(doc["expires_at"]), t0 + 900, delta=5)
         self.assertEqual(self.token_of(a.request(), "alice"), doc)
         self.assertEqual(self.mock.calls(), 1)
-        # upstream clock an hour behind: iat = now - 1 h, exp = now + 1 h;
-        # expires_at is receipt + (exp - iat) = now + 2 h, not exp
+        # iat = now - 1 h, exp = now + 1 h (an upstream clock an hour behind,
+        # or a token issued an hour ago): the earlier of receipt + (exp - iat)
+        # and exp, so never served past exp by the local clock
         self.mock.config(clock_skew=-3600, lifetime=7200)
         t0 = time.time()
         doc = self.token_of(a.request(user="bob"), "bob")
         payload = jwt_payload(doc["Token"])
         self.assertAlmostEqual(payload["exp"], t0 + 3600, delta=5)
-        self.assertAlmostEqual(rfc3339_utc(doc["expires_at"]), t0 + 7200, delta=5)
+        self.assertAlmostEqual(rfc3339_utc(doc["expires_at"]), t0 + 3600, delta=5)
+        self.assertLessEqual(rfc3339_utc(doc["expires_at"]), payload["exp"])
         self.assertEqual(self.token_of(a.request(user="bob"), "bob"), doc)
         self.assertEqual(self.mock.calls(), 2)
         # An exp already past on the local clock is refused, as the spec

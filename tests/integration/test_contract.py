@@ -20,7 +20,7 @@ from harness import (TEST_KEY, Apache, Mock, MockTestCase, apache_conf, auth_loc
 # A second sandbox key, accepted by the mock, for the per-<Location> and
 # per-vhost key tests.
 KEY2 = "sk_test_cardscan_ai_secondkey987654321wxyz"
-TOKEN_KEYS = {"Token", "IdentityId", "session_id", "session", "expires_at"}
+TOKEN_KEYS = {"Token", "IdentityId", "session_id", "session", "expires_at", "live"}
 ERROR_KEYS = {"error", "message"}
 # The masked form of TEST_KEY. Apache escapes non-ASCII bytes in its error
 # log, so U+2026 appears there either as is or as \xe2\x80\xa6.

@@ -235,8 +235,10 @@ class FaultMatrixTest(unittest.TestCase, Checks):
         reply, _, _ = self.run_fault("429", max_wait=17)
         self.assertEqual(reply[1].get("retry-after"), "17")
 
-    def test_429_without_value_gets_a_default_retry_after(self):
-        # the mock always sends one; retry_after=0 is "Retry-After: 0" -> none usable -> 5
+    def test_429_retry_after_zero_gives_the_negative_cache_time(self):
+        # "Retry-After: 0" is a value, clamped to [1, 3600] (lib/ unit
+        # test); the reply says when this user's next call can happen: not
+        # before the 5 s of the user's negative cache
         self.mock.config(fault="429", retry_after="0")
         reply = self.get("f-429-0")
         self.assert_error(reply, 503, "upstream_rate_limited")

@@ -16,6 +16,7 @@ Suite *breaker_suite(void);
 Suite *store_suite(void);
 Suite *secret_suite(void);
 Suite *serve_suite(void);
+Suite *origin_suite(void);
 
 /* a fresh pool per test, destroyed by the fixture */
 extern apr_pool_t *tp;

@@ -52,6 +52,34 @@ START_TEST(refuses_cleartext_and_odd_urls)
 }
 END_TEST
 
+START_TEST(loopback_is_an_address_not_a_prefix)
+{
+    static const char *bad[] = {"http://127.0.0.256/v1",
+                                "http://127.1.2.3.4/v1",
+                                "http://127./v1",
+                                "http://127.0.0/v1",
+                                "http://127.1/v1",
+                                "http://0x7f.0.0.1/v1",
+                                "http://localhost.evil.example/v1",
+                                "http://127.0.0.1.nip.io/v1",
+                                "http://[::2]/v1",
+                                "http://[::ffff:10.0.0.1]/v1"};
+    static const char *ok[] = {"http://127.255.255.254:1/v1",
+                               "http://LocalHost:9/v1", "http://[::1]/v1"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        const char *norm = NULL, *err = NULL;
+        ck_assert_msg(cs_endpoint_check(tp, bad[i], &norm, &err) != APR_SUCCESS,
+                      "accepted %s", bad[i]);
+        ck_assert_ptr_nonnull(strstr(err, "loopback"));
+    }
+    for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+        const char *norm = NULL, *err = NULL;
+        ck_assert_msg(cs_endpoint_check(tp, ok[i], &norm, &err) == APR_SUCCESS,
+                      "%s: %s", ok[i], err);
+    }
+}
+END_TEST
+
 START_TEST(refuses_key_environment_mismatch)
 {
     cs_key_t *t, *l;
@@ -82,6 +110,7 @@ Suite *endpoint_suite(void)
     tcase_add_test(tc, defaults_follow_the_key);
     tcase_add_test(tc, accepts_https_and_loopback_http);
     tcase_add_test(tc, refuses_cleartext_and_odd_urls);
+    tcase_add_test(tc, loopback_is_an_address_not_a_prefix);
     tcase_add_test(tc, refuses_key_environment_mismatch);
     suite_add_tcase(s, tc);
     return s;

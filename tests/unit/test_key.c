@@ -3,6 +3,8 @@
 #include <apr_env.h>
 #include <apr_file_io.h>
 #include <apr_strings.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -120,7 +122,7 @@ START_TEST(refuses_missing_file_and_env)
 }
 END_TEST
 
-START_TEST(loads_from_env_and_leaves_it)
+START_TEST(loads_from_env_and_removes_it)
 {
     cs_key_t *k;
     const char *warn, *err = NULL;
@@ -128,8 +130,77 @@ START_TEST(loads_from_env_and_leaves_it)
     ck_assert_int_eq(cs_key_load(tp, "env:CS_TEST_KEY", &k, &warn, &err),
                      APR_SUCCESS);
     ck_assert_str_eq(k->secret, LIVE_KEY);
-    /* a graceful restart reads it again */
-    ck_assert_str_eq(getenv("CS_TEST_KEY"), LIVE_KEY);
+    /* gone from the environment: children, piped loggers and RewriteMap
+     * programs inherit none of it */
+    ck_assert_ptr_null(getenv("CS_TEST_KEY"));
+    /* a graceful restart reads the configuration again: the process kept
+     * its copy */
+    ck_assert_int_eq(cs_key_load(tp, "env:CS_TEST_KEY", &k, &warn, &err),
+                     APR_SUCCESS);
+    ck_assert_str_eq(k->secret, LIVE_KEY);
+    ck_assert_ptr_null(getenv("CS_TEST_KEY"));
+    /* a value set again (a full restart) is the one that counts */
+    setenv("CS_TEST_KEY", TEST_KEY, 1);
+    ck_assert_int_eq(cs_key_load(tp, "env:CS_TEST_KEY", &k, &warn, &err),
+                     APR_SUCCESS);
+    ck_assert_str_eq(k->secret, TEST_KEY);
+    ck_assert_ptr_null(getenv("CS_TEST_KEY"));
+}
+END_TEST
+
+/* The key file is replaced (rotation, an editor's save) while it is read:
+ * the file's type and mode come from the file that was opened, never from
+ * a stat of the path that may have failed or seen another file. */
+static volatile int swapping;
+
+static void *swap_key_file(void *data)
+{
+    const char *path = data;
+    char tmp[256];
+    snprintf(tmp, sizeof(tmp), "%s.new", path);
+    while (swapping) {
+        FILE *f = fopen(tmp, "w");
+        if (f) {
+            fputs(TEST_KEY "\n", f);
+            fclose(f);
+            chmod(tmp, 0600);
+            rename(tmp, path);
+        }
+        unlink(path);
+    }
+    return NULL;
+}
+
+START_TEST(key_file_replaced_while_read)
+{
+    char dir[] = "/tmp/cs-keyrace-XXXXXX";
+    const char *path, *spec;
+    pthread_t th;
+    int loaded = 0;
+
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    path = apr_pstrcat(tp, dir, "/key", NULL);
+    spec = apr_pstrcat(tp, "file:", path, NULL);
+    swapping = 1;
+    ck_assert_int_eq(pthread_create(&th, NULL, swap_key_file, (void *)path), 0);
+    for (int i = 0; i < 3000; i++) {
+        apr_pool_t *p;
+        cs_key_t *k;
+        const char *warn = NULL, *err = NULL;
+        apr_pool_create(&p, tp);
+        if (cs_key_load(p, spec, &k, &warn, &err) == APR_SUCCESS) {
+            loaded++;
+            ck_assert_str_eq(k->secret, TEST_KEY);
+            /* every file written is 0600: never a warning */
+            ck_assert_msg(warn == NULL, "warning for a 0600 file: %s", warn);
+        }
+        apr_pool_destroy(p);
+    }
+    swapping = 0;
+    pthread_join(th, NULL);
+    unlink(path);
+    rmdir(dir);
+    (void)loaded;
 }
 END_TEST
 
@@ -157,7 +228,8 @@ Suite *key_suite(void)
     tcase_add_test(tc, derived_secrets_differ_per_key);
     tcase_add_test(tc, loads_from_file);
     tcase_add_test(tc, refuses_missing_file_and_env);
-    tcase_add_test(tc, loads_from_env_and_leaves_it);
+    tcase_add_test(tc, loads_from_env_and_removes_it);
+    tcase_add_test(tc, key_file_replaced_while_read);
     tcase_add_test(tc, bad_key_in_file_is_refused);
     suite_add_tcase(s, tc);
     return s;

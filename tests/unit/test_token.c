@@ -42,8 +42,9 @@ START_TEST(lifetime_is_robust_to_skew)
 {
     cs_token_t t;
     const char *err = NULL;
-    /* the upstream's clock is 200 s behind ours: exp - iat still counts */
-    const char *jwt = make_jwt(tp, "{\"iat\":1799999800,\"exp\":1800000700}");
+    /* this server's clock is 200 s behind the upstream's: exp - iat
+     * counts, not the 1100 s exp - now would give */
+    const char *jwt = make_jwt(tp, "{\"iat\":1800000200,\"exp\":1800001100}");
     ck_assert_int_eq(parse(reply(jwt, NULL), &t, &err), APR_SUCCESS);
     ck_assert_ptr_null(t.session_id);
     ck_assert_int_eq(cs_token_lifetime(&t, NOW), apr_time_from_sec(900));
@@ -56,6 +57,30 @@ START_TEST(lifetime_is_robust_to_skew)
     ck_assert_int_eq(parse(reply(jwt, NULL), &t, &err), APR_SUCCESS);
     ck_assert(!t.has_exp);
     ck_assert_int_eq(cs_token_lifetime(&t, NOW), 0);
+}
+END_TEST
+
+START_TEST(lifetime_never_passes_exp)
+{
+    cs_token_t t;
+    const char *err = NULL;
+    /* a token issued 3000 s ago that expires in 900 s: 900 s, not 3900 */
+    const char *jwt = make_jwt(tp, "{\"iat\":1799997000,\"exp\":1800000900}");
+    ck_assert_int_eq(parse(reply(jwt, NULL), &t, &err), APR_SUCCESS);
+    ck_assert_int_eq(cs_token_lifetime(&t, NOW), apr_time_from_sec(900));
+    /* the same with this clock 200 s behind the upstream's: exp - now is
+     * 1100 s, exp - iat 900 s: the earlier wins */
+    jwt = make_jwt(tp, "{\"iat\":1800000200,\"exp\":1800001100}");
+    ck_assert_int_eq(parse(reply(jwt, NULL), &t, &err), APR_SUCCESS);
+    ck_assert_int_eq(cs_token_lifetime(&t, NOW), apr_time_from_sec(900));
+    /* clock 200 s ahead: exp - now (700 s) is earlier than exp - iat */
+    jwt = make_jwt(tp, "{\"iat\":1799999800,\"exp\":1800000700}");
+    ck_assert_int_eq(parse(reply(jwt, NULL), &t, &err), APR_SUCCESS);
+    ck_assert_int_eq(cs_token_lifetime(&t, NOW), apr_time_from_sec(700));
+    /* sub-second receipt time: never past exp either */
+    ck_assert_int_le(NOW + apr_time_from_msec(600) +
+                         cs_token_lifetime(&t, NOW + apr_time_from_msec(600)),
+                     apr_time_from_sec(1800000700));
 }
 END_TEST
 
@@ -121,6 +146,7 @@ Suite *token_suite(void)
     tcase_add_checked_fixture(tc, pool_setup, pool_teardown);
     tcase_add_test(tc, parses_a_good_reply);
     tcase_add_test(tc, lifetime_is_robust_to_skew);
+    tcase_add_test(tc, lifetime_never_passes_exp);
     tcase_add_test(tc, refuses_bad_replies);
     tcase_add_test(tc, base64url_decoding);
     suite_add_tcase(s, tc);

@@ -3,8 +3,10 @@
  * redirects, TLS verification and connection reuse. */
 #include "suites.h"
 
+#include <apr_allocator.h>
 #include <apr_strings.h>
 #include <apr_tables.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -153,6 +155,85 @@ START_TEST(url_encodes_the_user)
     ck_assert_str_eq(
         cs_upstream_url(tp, "http://127.0.0.1:9/v1", "a&user_id=b"),
         "http://127.0.0.1:9/v1/access-token?user_id=a%26user_id%3Db");
+}
+END_TEST
+
+static const char *masked(const char *line)
+{
+    char out[1024];
+    cs_trace_mask(out, sizeof(out), line, strlen(line));
+    return apr_pstrdup(tp, out);
+}
+
+START_TEST(trace_mask_holds_anywhere_in_a_line)
+{
+    static const char *secret_lines[] = {
+        "Authorization: Bearer " KEY,
+        "authorization:Bearer " KEY,
+        /* libcurl 7.88 over HTTP/2 */
+        "h2h3 [authorization: Bearer " KEY "]",
+        /* libcurl 8 over HTTP/2 and HTTP/3 */
+        "[HTTP/2] [1] [authorization: Bearer " KEY "]",
+        "[HTTP/3] [0] [AUTHORIZATION: Bearer " KEY "]",
+        "Proxy-Authorization: Basic dXNlcjpwYXNzd29yZDEyMzQ=",
+        "h2h3 [proxy-authorization: Basic dXNlcjpwYXNzd29yZDEyMzQ=]",
+        /* the key or a bearer credential wherever it shows up */
+        "sending Bearer " KEY " now",
+        "odd: " KEY,
+        "odd: sk_live_cardscan_ai_unitkey0123456789",
+        "odd: secret_test_unitkey0123456789",
+    };
+    for (size_t i = 0; i < sizeof(secret_lines) / sizeof(secret_lines[0]);
+         i++) {
+        const char *m = masked(secret_lines[i]);
+        ck_assert_msg(strstr(m, "unitkey0123456789") == NULL, "%s -> %s",
+                      secret_lines[i], m);
+        ck_assert_msg(strstr(m, "dXNlcjpwYXNzd29yZDEyMzQ") == NULL, "%s -> %s",
+                      secret_lines[i], m);
+        ck_assert_msg(strstr(m, "<masked>") != NULL, "%s -> %s",
+                      secret_lines[i], m);
+    }
+    /* what is not a credential stays readable */
+    ck_assert_str_eq(masked("GET /v1/access-token?user_id=a HTTP/1.1"),
+                     "GET /v1/access-token?user_id=a HTTP/1.1");
+    ck_assert_str_eq(masked("h2h3 [:method: GET]"), "h2h3 [:method: GET]");
+    ck_assert_str_eq(masked("h2h3 [authorization: Bearer " KEY "]"),
+                     "h2h3 [authorization: <masked>");
+    /* a line longer than the buffer is masked before it is cut */
+    {
+        char big[3000], out[64];
+        memset(big, 'x', sizeof(big));
+        memcpy(big + 40, "authorization: Bearer " KEY,
+               strlen("authorization: Bearer " KEY));
+        cs_trace_mask(out, sizeof(out), big, sizeof(big));
+        ck_assert_uint_lt(strlen(out), sizeof(out));
+        ck_assert_ptr_null(strstr(out, "unitkey"));
+        ck_assert_ptr_null(strstr(out, "Bearer sk"));
+    }
+}
+END_TEST
+
+START_TEST(retry_after_is_clamped)
+{
+    apr_time_t now = apr_time_from_sec(1800000000); /* 2027-01-15T08:00:00Z */
+    ck_assert_int_eq(cs_retry_after(NULL, now), 0);
+    ck_assert_int_eq(cs_retry_after("", now), 0);
+    ck_assert_int_eq(cs_retry_after("soon", now), 0);
+    ck_assert_int_eq(cs_retry_after("-5", now), 0);
+    ck_assert_int_eq(cs_retry_after("12abc", now), 0);
+    ck_assert_int_eq(cs_retry_after("17", now), 17);
+    ck_assert_int_eq(cs_retry_after(" 17 ", now), 17);
+    ck_assert_int_eq(cs_retry_after("0", now), 1);
+    ck_assert_int_eq(cs_retry_after("3600", now), 3600);
+    ck_assert_int_eq(cs_retry_after("3601", now), 3600);
+    ck_assert_int_eq(cs_retry_after("86400", now), 3600);
+    ck_assert_int_eq(cs_retry_after("99999999999999999999999", now), 3600);
+    /* HTTP-dates: in 2 minutes, long past, far in the future */
+    ck_assert_int_eq(cs_retry_after("Fri, 15 Jan 2027 08:02:00 GMT", now), 120);
+    ck_assert_int_eq(cs_retry_after("Fri, 15 Jan 2027 07:00:00 GMT", now), 1);
+    ck_assert_int_eq(cs_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now),
+                     3600);
+    ck_assert_int_eq(cs_retry_after("Fri, 99 Dec 2027 23:59:59 GMT", now), 0);
 }
 END_TEST
 
@@ -312,6 +393,89 @@ START_TEST(trace_masks_the_key)
 }
 END_TEST
 
+START_TEST(loopback_http_never_goes_through_the_proxy)
+{
+    /* CardScanProxy names a proxy that is not there: the http:// loopback
+     * endpoint is called directly, so the key never crosses to a proxy in
+     * clear */
+    cs_upstream_req_t r = request(endpoint(), "alice", key(KEY));
+    cs_upstream_resp_t resp;
+    r.proxy = "http://127.0.0.1:1";
+    cs_upstream_fetch(client, tp, &r, &resp);
+    ck_assert_int_eq(resp.result, CS_UP_OK);
+    ck_assert_int_eq(resp.status, 200);
+    ck_assert_int_eq(stat_of("calls"), 1);
+    /* https goes through it (here: fails to connect to it) */
+    r.endpoint = apr_psprintf(tp, "https://127.0.0.1:%d/v1", http_port);
+    cs_upstream_fetch(client, tp, &r, &resp);
+    ck_assert_int_eq(resp.result, CS_UP_CONNECT);
+    ck_assert_int_eq(stat_of("calls"), 1);
+}
+END_TEST
+
+/* Several worker threads of one process share the client at once: more
+ * threads than idle handles are kept, DNS (localhost) shared. */
+#define FETCH_THREADS 40
+#define FETCHES_PER_THREAD 3
+
+typedef struct {
+    const char *endpoint;
+    cs_key_t *key;
+    int id, ok;
+    apr_pool_t *p;
+} fetch_job;
+
+static void *fetch_many(void *data)
+{
+    fetch_job *job = data;
+    for (int i = 0; i < FETCHES_PER_THREAD; i++) {
+        cs_upstream_req_t r = request(job->endpoint, NULL, job->key);
+        cs_upstream_resp_t resp;
+        r.user_id = apr_psprintf(job->p, "t%d-%d", job->id, i);
+        cs_upstream_fetch(client, job->p, &r, &resp);
+        if (resp.result == CS_UP_OK && resp.status == 200)
+            job->ok++;
+    }
+    return NULL;
+}
+
+START_TEST(concurrent_fetches)
+{
+    pthread_t th[FETCH_THREADS];
+    fetch_job jobs[FETCH_THREADS];
+    apr_allocator_t *alloc;
+    cs_key_t *k = key(KEY);
+    const char *ep = apr_psprintf(tp, "http://localhost:%d/v1", http_port);
+    int ok = 0;
+
+    control(tp, "/_mock/config?latency_ms=20");
+    for (int i = 0; i < FETCH_THREADS; i++) {
+        jobs[i].endpoint = ep;
+        jobs[i].key = k;
+        jobs[i].id = i;
+        jobs[i].ok = 0;
+        /* a pool and allocator per thread, as an MPM's worker has */
+        ck_assert_int_eq(apr_allocator_create(&alloc), APR_SUCCESS);
+        ck_assert_int_eq(apr_pool_create_ex(&jobs[i].p, NULL, NULL, alloc),
+                         APR_SUCCESS);
+        apr_allocator_owner_set(alloc, jobs[i].p);
+    }
+    /* plain threads: APR's own would share tp between them */
+    for (int i = 0; i < FETCH_THREADS; i++)
+        ck_assert_int_eq(pthread_create(&th[i], NULL, fetch_many, &jobs[i]), 0);
+    for (int i = 0; i < FETCH_THREADS; i++) {
+        pthread_join(th[i], NULL);
+        ok += jobs[i].ok;
+    }
+    for (int i = 0; i < FETCH_THREADS; i++)
+        apr_pool_destroy(jobs[i].p);
+    ck_assert_int_eq(ok, FETCH_THREADS * FETCHES_PER_THREAD);
+    ck_assert_int_eq(stat_of("calls"), FETCH_THREADS * FETCHES_PER_THREAD);
+    /* kept connections are bounded by the idle handles, not the threads */
+    ck_assert_int_le(stat_of("connections"), FETCH_THREADS);
+}
+END_TEST
+
 Suite *upstream_suite(void)
 {
     Suite *s = suite_create("upstream");
@@ -320,6 +484,8 @@ Suite *upstream_suite(void)
 
     tcase_add_checked_fixture(tc, pool_setup, pool_teardown);
     tcase_add_test(tc, url_encodes_the_user);
+    tcase_add_test(tc, trace_mask_holds_anywhere_in_a_line);
+    tcase_add_test(tc, retry_after_is_clamped);
     suite_add_tcase(s, tc);
 
     /* one mock for the whole case; each test resets it */
@@ -335,6 +501,8 @@ Suite *upstream_suite(void)
     tcase_add_test(live, refuses_a_peer_that_does_not_speak_tls);
     tcase_add_test(live, reuses_the_connection);
     tcase_add_test(live, trace_masks_the_key);
+    tcase_add_test(live, loopback_http_never_goes_through_the_proxy);
+    tcase_add_test(live, concurrent_fetches);
     suite_add_tcase(s, live);
     return s;
 }
