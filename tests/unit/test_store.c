@@ -33,6 +33,7 @@ typedef struct server {
     pid_t pid;
     int port;
     int redis; /* else memcached */
+    int v6;    /* on [::1] rather than 127.0.0.1 */
     const char *extra[12];
 } server_t;
 
@@ -53,13 +54,17 @@ static int free_port(void)
     return ntohs(a.sin_port);
 }
 
-static int port_open(int port)
+static int port_open(int port, int v6)
 {
     struct sockaddr_in a = {.sin_family = AF_INET};
-    int fd = socket(AF_INET, SOCK_STREAM, 0), ok;
+    struct sockaddr_in6 a6 = {.sin6_family = AF_INET6};
+    int fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM, 0), ok;
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     a.sin_port = htons((unsigned short)port);
-    ok = connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
+    a6.sin6_addr = in6addr_loopback;
+    a6.sin6_port = htons((unsigned short)port);
+    ok = (v6 ? connect(fd, (struct sockaddr *)&a6, sizeof(a6))
+             : connect(fd, (struct sockaddr *)&a, sizeof(a))) == 0;
     close(fd);
     return ok;
 }
@@ -79,7 +84,7 @@ static void server_start(server_t *s)
         argv[n++] = "--port";
         argv[n++] = port;
         argv[n++] = "--bind";
-        argv[n++] = "127.0.0.1";
+        argv[n++] = s->v6 ? "::1" : "127.0.0.1";
         argv[n++] = "--save";
         argv[n++] = "";
         argv[n++] = "--appendonly";
@@ -88,7 +93,7 @@ static void server_start(server_t *s)
     else {
         argv[n++] = "memcached";
         argv[n++] = "-l";
-        argv[n++] = "127.0.0.1";
+        argv[n++] = s->v6 ? "::1" : "127.0.0.1";
         argv[n++] = "-p";
         argv[n++] = port;
         argv[n++] = "-U";
@@ -112,12 +117,12 @@ static void server_start(server_t *s)
         execvp(argv[0], (char *const *)argv);
         _exit(127);
     }
-    for (int i = 0; i < 500 && !port_open(s->port); i++) {
+    for (int i = 0; i < 500 && !port_open(s->port, s->v6); i++) {
         ck_assert_int_eq(waitpid(s->pid, NULL, WNOHANG), 0);
         sleep_ms(10);
     }
-    ck_assert_msg(port_open(s->port), "%s did not start on port %d", argv[0],
-                  s->port);
+    ck_assert_msg(port_open(s->port, s->v6), "%s did not start on port %d",
+                  argv[0], s->port);
 }
 
 /* Whether every thread of pid is stopped. */
@@ -173,7 +178,8 @@ static void server_stop(server_t *s)
 
 static const char *spec_of(apr_pool_t *p, const server_t *s, const char *tail)
 {
-    return apr_psprintf(p, "127.0.0.1:%d%s", s->port, tail ? tail : "");
+    return apr_psprintf(p, "%s:%d%s", s->v6 ? "[::1]" : "127.0.0.1", s->port,
+                        tail ? tail : "");
 }
 
 static cs_store_t *store_of(const server_t *s, const char *tail,
@@ -718,6 +724,31 @@ START_TEST(redis_servers_share_the_ids)
 }
 END_TEST
 
+START_TEST(ipv6_servers)
+{
+    server_t r6 = {.redis = 1, .v6 = 1}, m6 = {.redis = 0, .v6 = 1};
+    int fd = socket(AF_INET6, SOCK_STREAM, 0);
+    struct sockaddr_in6 a6 = {.sin6_family = AF_INET6};
+    int have_v6;
+    a6.sin6_addr = in6addr_loopback;
+    have_v6 = fd >= 0 && bind(fd, (struct sockaddr *)&a6, sizeof(a6)) == 0;
+    if (fd >= 0)
+        close(fd);
+    if (!have_v6)
+        return; /* no IPv6 loopback on this machine */
+    server_start(&r6);
+    server_start(&m6);
+    ck_ok(sput(store_of(&r6, NULL, NULL, NULL), "v6", "r", apr_time_from_sec(9),
+               DEADLINE * 5));
+    ck_assert_str_eq(value_of(store_of(&r6, NULL, NULL, NULL), "v6"), "r");
+    ck_ok(sput(store_of(&m6, NULL, NULL, NULL), "v6", "m", apr_time_from_sec(9),
+               DEADLINE * 5));
+    ck_assert_str_eq(value_of(store_of(&m6, NULL, NULL, NULL), "v6"), "m");
+    server_stop(&r6);
+    server_stop(&m6);
+}
+END_TEST
+
 /* ---------------------------------------------------------- spec parsing */
 
 START_TEST(parses_server_lists)
@@ -903,6 +934,7 @@ Suite *store_suite(void)
     tcase_add_test(live, redis_restart_reconnects);
     tcase_add_test(live, memcache_restart_reconnects);
     tcase_add_test(live, redis_servers_share_the_ids);
+    tcase_add_test(live, ipv6_servers);
     suite_add_tcase(s, live);
     return s;
 }
