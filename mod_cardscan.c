@@ -1882,6 +1882,29 @@ static int send_unavailable(request_rec *r, int retry_after)
                       "the CardScan API is unavailable; retry later");
 }
 
+/* What the user's entries say now, for a request that has no token yet:
+ * serve (a token stored by another request's call: e is set), fail (its
+ * failure: e is set) or call. */
+static cs_action_e result_of_last_call(cs_call *c, cs_entry_t *e)
+{
+    cs_entry_t tok, fail;
+    int have_tok = store_get(c, CS_ID_TOKEN, &tok),
+        have_fail = store_get(c, CS_ID_FAILURE, &fail);
+
+    switch (cs_serve_decide(have_tok ? &tok : NULL, have_fail ? &fail : NULL, 0,
+                            apr_time_now(), &c->policy)) {
+    case CS_DO_SERVE:
+    case CS_DO_SERVE_REFRESH:
+        *e = tok;
+        return CS_DO_SERVE;
+    case CS_DO_FAIL:
+        *e = fail;
+        return CS_DO_FAIL;
+    default:
+        return CS_DO_CALL;
+    }
+}
+
 /* Waits for the user's call that another request is making, polling the
  * store with a growing interval. Returns the action that ends the wait:
  * serve (its token), fail (its failure) or call (the lock came free with
@@ -1891,25 +1914,17 @@ static cs_action_e wait_for_call(cs_call *c, cs_entry_t *tok, int *locked)
 {
     apr_time_t give_up = apr_time_now() + c->sc->timeout;
     apr_interval_time_t nap = apr_time_from_msec(5);
-    cs_entry_t fail;
 
     cs_metrics_wait(cs_g.metrics);
     while (apr_time_now() < give_up) {
-        int have_tok, have_fail;
         cs_action_e act;
         cs_lock_e lk;
 
         apr_sleep(nap);
         if (nap < apr_time_from_msec(50))
             nap *= 2;
-        have_tok = store_get(c, CS_ID_TOKEN, tok);
-        have_fail = store_get(c, CS_ID_FAILURE, &fail);
-        act = cs_serve_decide(have_tok ? tok : NULL, have_fail ? &fail : NULL,
-                              1, apr_time_now(), &c->policy);
-        if (act == CS_DO_FAIL)
-            *tok = fail;
-        if (act != CS_DO_WAIT)
-            return act == CS_DO_SERVE_REFRESH ? CS_DO_SERVE : act;
+        if ((act = result_of_last_call(c, tok)) != CS_DO_CALL)
+            return act;
         lk = store_lock(c);
         if (lk != CS_LOCK_BUSY) {
             *locked = lk == CS_LOCK_HELD;
@@ -1941,11 +1956,19 @@ static int call_or_wait(cs_call *c, cs_entry_t *e)
             break;
         }
     }
-    else if (locked && store_get(c, CS_ID_TOKEN, e) &&
-             cs_entry_fresh(e, apr_time_now(), c->policy.min_ttl)) {
-        /* stored by the call that held the lock just before us */
-        store_unlock(c, 0);
-        return send_entry(r, e, CS_OUT_WAITED);
+    if (locked) {
+        /* the call that held the lock just before us may have stored its
+         * result since we last looked */
+        switch (result_of_last_call(c, e)) {
+        case CS_DO_SERVE:
+            store_unlock(c, 0);
+            return send_entry(r, e, CS_OUT_WAITED);
+        case CS_DO_FAIL:
+            store_unlock(c, 0);
+            return send_entry(r, e, CS_OUT_ERROR);
+        default:
+            break;
+        }
     }
     if (breaker_refuses(c, &retry_after)) {
         if (locked)
@@ -2118,14 +2141,10 @@ static int not_configured(request_rec *r, const cs_dir_conf *d)
 static int serve_user_id(request_rec *r, const cs_dir_conf *d,
                          const char *user_id);
 
-static int cs_session_handler(request_rec *r)
+/* Requests the endpoint refuses whoever asks: a subrequest, a method other
+ * than GET and POST, a body that cannot be read. DECLINED: none of them. */
+static int refused_request(request_rec *r)
 {
-    cs_dir_conf *d;
-    const char *user_id, *err = NULL;
-
-    if (!r->handler || strcmp(r->handler, CS_HANDLER) != 0)
-        return DECLINED;
-
     /* A subrequest (an SSI include, a mod_rewrite lookahead, ...) would put
      * the user's token into another response: never, and no API call. */
     if (r->main) {
@@ -2137,7 +2156,6 @@ static int cs_session_handler(request_rec *r)
                           "the session endpoint does not answer "
                           "subrequests (such as server-side includes)");
     }
-
     r->allowed = (AP_METHOD_BIT << M_GET) | (AP_METHOD_BIT << M_POST);
     if (r->method_number != M_GET && r->method_number != M_POST) {
         apr_table_setn(r->headers_out, "Allow", "GET, POST");
@@ -2148,33 +2166,32 @@ static int cs_session_handler(request_rec *r)
     if (ap_discard_request_body(r) != OK)
         return send_error(r, CS_OUT_DENIED, HTTP_BAD_REQUEST, "bad_request",
                           "the request body could not be read");
+    return DECLINED;
+}
 
-    d = ap_get_module_config(r->per_dir_config, &cardscan_module);
-    if (not_configured(r, d))
-        return OK;
+/* The user id of an authenticated request, from CardScanUserID; NULL when
+ * there is none (the refusal is sent). Identity comes only from the
+ * authenticated request, never from anything the client sends, and fails
+ * closed: no authenticated user, no token, even when CardScanUserID does
+ * not name REMOTE_USER. */
+static const char *authenticated_user_id(request_rec *r, const cs_dir_conf *d)
+{
+    const char *user_id, *err = NULL;
 
-    /* Identity: only from the authenticated request, never from anything
-     * the client sends. Fail closed: no authenticated user, no token, even
-     * when CardScanUserID does not name REMOTE_USER. */
     if (!r->user || !*r->user) {
         ap_log_rerror(APLOG_MARK, APLOG_INFO, 0, r,
                       APLOGNO(10523) "mod_cardscan: no authenticated user: "
                                      "protect this location with Apache "
                                      "authentication");
-        return send_error(r, CS_OUT_DENIED, HTTP_UNAUTHORIZED,
-                          "unauthenticated", "log in first");
+        send_error(r, CS_OUT_DENIED, HTTP_UNAUTHORIZED, "unauthenticated",
+                   "log in first");
+        return NULL;
     }
-    if (d->user_id) {
-        user_id = ap_expr_str_exec(r, d->user_id, &err);
-        if (err) {
-            ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
-                          APLOGNO(10522) "mod_cardscan: CardScanUserID: %s",
-                          err);
-            user_id = NULL;
-        }
-    }
-    else {
-        user_id = r->user;
+    user_id = d->user_id ? ap_expr_str_exec(r, d->user_id, &err) : r->user;
+    if (err) {
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
+                      APLOGNO(10522) "mod_cardscan: CardScanUserID: %s", err);
+        user_id = NULL;
     }
     if (!user_id || !*user_id) {
         /* the user only from trace4 up: ids are personal data */
@@ -2185,9 +2202,26 @@ static int cs_session_handler(request_rec *r)
                       APLOGNO(10540) "mod_cardscan: CardScanUserID is empty "
                                      "for user %s",
                       r->user);
-        return send_error(r, CS_OUT_DENIED, HTTP_FORBIDDEN, "no_user_id",
-                          "no user id is known for this login");
+        send_error(r, CS_OUT_DENIED, HTTP_FORBIDDEN, "no_user_id",
+                   "no user id is known for this login");
+        return NULL;
     }
+    return user_id;
+}
+
+static int cs_session_handler(request_rec *r)
+{
+    cs_dir_conf *d;
+    const char *user_id;
+    int refused;
+
+    if (!r->handler || strcmp(r->handler, CS_HANDLER) != 0)
+        return DECLINED;
+    if ((refused = refused_request(r)) != DECLINED)
+        return refused;
+    d = ap_get_module_config(r->per_dir_config, &cardscan_module);
+    if (not_configured(r, d) || !(user_id = authenticated_user_id(r, d)))
+        return OK;
     return serve_user_id(r, d, user_id);
 }
 

@@ -94,10 +94,12 @@ class CacheTest(MockTestCase):
             time.sleep(0.1)
         self.fail("the token was never refreshed within %.0f s" % limit)
 
+    # These two pin the serving time alone: refresh ahead (its own tests in
+    # test_serving.py) would bring the new token earlier.
     def test_expiry_and_refresh(self):
         self.mock.config(lifetime=4)
         a = self.apache(global_conf=apache_conf(endpoint=self.mock.http_url,
-                                                extra="CardScanCacheMinTTL 1\n"))
+                                                extra="CardScanCacheMinTTL 1\nCardScanRefreshAhead off\n"))
         first = self.token_of(a.request(), "alice")
         t0 = time.monotonic()  # just after receipt
         self.assertEqual(self.token_of(a.request(), "alice"), first)
@@ -115,7 +117,7 @@ class CacheTest(MockTestCase):
     def test_min_ttl_capped_at_half_lifetime(self):
         self.mock.config(lifetime=4)
         a = self.apache(global_conf=apache_conf(endpoint=self.mock.http_url,
-                                                extra="CardScanCacheMinTTL 60\n"))
+                                                extra="CardScanCacheMinTTL 60\nCardScanRefreshAhead off\n"))
         first = self.token_of(a.request(), "alice")
         t0 = time.monotonic()  # just after receipt
         # MinTTL 60 > a 4 s lifetime: capped at 2 s, so the token is served
