@@ -15,6 +15,7 @@
 #include "http_protocol.h"
 #include "http_request.h"
 #include "ap_expr.h"
+#include "ap_mpm.h"
 #include "ap_provider.h"
 #include "ap_socache.h"
 #include "util_mutex.h"
@@ -71,7 +72,10 @@ module AP_MODULE_DECLARE_DATA cardscan_module;
 /* the shmcb entries carried over a graceful restart */
 #define CS_CARRY_KEY "mod_cardscan carried entries " CS_STATE_TAG
 #define CS_DEFAULT_STORE_TIMEOUT apr_time_from_msec(250)
-#define CS_REFRESH_THREADS 2 /* per process */
+/* refresh threads per process: threaded MPMs serve many users per process,
+ * prefork one connection per process */
+#define CS_REFRESH_THREADS 8
+#define CS_REFRESH_THREADS_PREFORK 2
 #define CS_REFRESH_QUEUE 256 /* refreshes waiting in a process, at most */
 #define CS_REFRESH_SLOTS 64  /* users refreshed lately, per process */
 
@@ -1444,7 +1448,10 @@ static void carry_in(server_rec *s, apr_pool_t *ptemp)
 static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
                           apr_pool_t *ptemp, server_rec *s)
 {
-    struct ap_socache_hints hints = {CS_CACHE_KEY_LEN, 2400,
+    /* shmcb sizes its index by the average object: a user has a token
+     * (~2.4 KB with CardScan's JWTs) and, for a moment per call, a small
+     * lock entry that keeps its index slot until the cycle reclaims it */
+    struct ap_socache_hints hints = {CS_STORE_ID_LEN, 1200,
                                      apr_time_from_sec(30)};
     const char *name, *args, *err, **shard_args;
     apr_status_t rv;
@@ -1551,13 +1558,17 @@ static void cs_child_init(apr_pool_t *p, server_rec *s)
      * MPM's business, in its own threads */
     if (cs_g.store) {
         sigset_t all, old;
+        int threaded = 0, threads;
+        ap_mpm_query(AP_MPMQ_IS_THREADED, &threaded);
+        threads = threaded == AP_MPMQ_NOT_SUPPORTED ? CS_REFRESH_THREADS_PREFORK
+                                                    : CS_REFRESH_THREADS;
         sigfillset(&all);
         pthread_sigmask(SIG_BLOCK, &all, &old);
         if (apr_thread_mutex_create(&cs_g.refresh_lock,
                                     APR_THREAD_MUTEX_DEFAULT,
                                     p) != APR_SUCCESS ||
-            apr_thread_pool_create(&cs_g.refresher, CS_REFRESH_THREADS,
-                                   CS_REFRESH_THREADS, p) != APR_SUCCESS) {
+            apr_thread_pool_create(&cs_g.refresher, threads, threads, p) !=
+                APR_SUCCESS) {
             cs_g.refresher = NULL;
             ap_log_error(APLOG_MARK, APLOG_ERR, 0, s,
                          APLOGNO(10534) "mod_cardscan: cannot start the "
@@ -1565,7 +1576,7 @@ static void cs_child_init(apr_pool_t *p, server_rec *s)
                                         "refreshed ahead of expiry");
         }
         else
-            apr_thread_pool_idle_max_set(cs_g.refresher, CS_REFRESH_THREADS);
+            apr_thread_pool_idle_max_set(cs_g.refresher, threads);
         pthread_sigmask(SIG_SETMASK, &old, NULL);
     }
     if (apr_gethostname(cs_g.host_tag, sizeof(cs_g.host_tag), p) != APR_SUCCESS)
