@@ -1784,7 +1784,10 @@ static int refresh_later(const cs_call *c, const cs_entry_t *tok)
     job = apr_pcalloc(pool, sizeof(*job));
     job->pool = pool;
     job->s = c->s;
-    job->d = c->d;
+    /* httpd merges per-directory configurations in the request pool, which
+     * is gone (and reused) when the job runs: a copy of its own (its
+     * pointers are into the configuration pool, which outlives the job) */
+    job->d = apr_pmemdup(pool, c->d, sizeof(*c->d));
     job->user_id = apr_pstrdup(pool, c->user_id);
     job->seen = tok->created;
     if (apr_thread_pool_push(cs_g.refresher, refresh_task, job, 0, NULL) !=
