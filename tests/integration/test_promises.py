@@ -205,8 +205,8 @@ class TimeoutTests(PromiseCase):
         start = time.monotonic()
         self.assert_error(a.request(port=port), 504, "upstream_timeout")
         elapsed = time.monotonic() - start
-        m = re.search(r"Failed to connect to 127\.0\.0\.1 port %d after (\d+) ms" % self.hole.port,
-                      a.log()[mark:])
+        # libcurl: "Failed to connect to ... after N ms" or "Connection timeout after N ms"
+        m = re.search(r"127\.0\.0\.1:%d/v1: .*[Cc]onnect.* after (\d+) ms" % self.hole.port, a.log()[mark:])
         self.assertTrue(m, a.log()[mark:])
         return elapsed, int(m.group(1))
 
