@@ -293,8 +293,8 @@ DocumentRoot "{self.dir}"
             self.start()
 
     def configtest(self):
-        return subprocess.run(self.launcher + [HTTPD, "-t", "-f", self.conf], env=httpd_env(getattr(self, "env", None)),
-                              stdout=subprocess.PIPE,
+        return subprocess.run(self.launcher + [HTTPD, "-t", "-f", self.conf],
+                              env=httpd_env(getattr(self, "env", None)), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, timeout=60)
 
     def start(self, env=None):
@@ -339,7 +339,11 @@ DocumentRoot "{self.dir}"
         """Crash reports (CRASH_RE) written to the error log since the last
         call; each is reported once."""
         text = self.log()
-        new, self._crash_mark = text[self._crash_mark:], len(text)
+        end = text.rfind("\n") + 1  # whole lines only: the last may be half written
+        if self._stopped or not self.running():
+            end = len(text)
+        new = text[self._crash_mark:end]
+        self._crash_mark = max(self._crash_mark, end)
         return [ln for ln in new.splitlines() if CRASH_RE.search(ln)]
 
     def running(self):
