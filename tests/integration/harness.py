@@ -151,6 +151,7 @@ class Mock:
                     "--key", os.path.join(sd, cert + ".key")]
         self.log = open(os.path.join(self.dir, "mock.log"), "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        _live_mocks.append(self)
         wait_for(lambda: os.path.exists(portfile) or self.proc.poll() is not None, what="mock ports")
         if self.proc.poll() is not None:
             raise RuntimeError("the mock exited: see " + self.log.name)
@@ -197,6 +198,8 @@ class Mock:
         return self._set("/_mock/reset")
 
     def stop(self):
+        if self in _live_mocks:
+            _live_mocks.remove(self)
         if self.proc.returncode is None:
             stop_pid(self.proc)
         self.log.close()
@@ -217,6 +220,7 @@ CRASH_RE = re.compile(r"exit signal|Segmentation fault|Aborted|Bus error|core du
 # after each test (below) looks at all their error logs.
 _live_servers = []
 _server_serial = [0]
+_live_mocks = []
 
 BASE_MODULES = ["authn_core", "authn_file", "authz_core", "authz_user", "authz_host", "auth_basic",
                 "socache_shmcb", "env", "setenvif", "mime", "status"]
@@ -454,10 +458,12 @@ unittest.TestCase.run = _run_with_crash_check
 
 
 @atexit.register
-def _stop_leftover_servers():
-    for a in list(_live_servers):
+def _stop_leftovers():
+    """Servers and mocks a test class did not stop (its tearDownClass failed
+    half-way, say) are stopped when the run ends."""
+    for x in list(_live_servers) + list(_live_mocks):
         try:
-            a.stop()
+            x.stop()
         except AssertionError as e:
             print(e)
 
