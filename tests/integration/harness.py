@@ -7,6 +7,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -103,12 +104,22 @@ def free_port():
 
 
 def wait_for(predicate, timeout=15.0, what="condition"):
+    """Polls predicate until it returns something true (returned) or the
+    timeout passes (AssertionError naming what)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return
+        value = predicate()
+        if value:
+            return value
         time.sleep(0.02)
-    raise AssertionError("timed out waiting for " + what)
+    raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
+
+
+def wait_until(moment, what="a moment"):
+    """Waits until time.monotonic() reaches moment (a deadline the behaviour
+    under test is defined by, such as a TTL: not a guess at how long
+    something takes; for that, use wait_for on a condition)."""
+    wait_for(lambda: time.monotonic() >= moment, max(0.0, moment - time.monotonic()) + 5, what)
 
 
 def stop_pid(proc_or_pid, sig=signal.SIGTERM, timeout=15.0):
@@ -140,6 +151,7 @@ class Mock:
                     "--key", os.path.join(sd, cert + ".key")]
         self.log = open(os.path.join(self.dir, "mock.log"), "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        _live_mocks.append(self)
         wait_for(lambda: os.path.exists(portfile) or self.proc.poll() is not None, what="mock ports")
         if self.proc.poll() is not None:
             raise RuntimeError("the mock exited: see " + self.log.name)
@@ -171,17 +183,44 @@ class Mock:
     def calls(self):
         return self.stats()["calls"]
 
+    def _set(self, path):
+        """A setting request: the mock must accept it (a misspelt fault name
+        or setting fails the test instead of running it without the fault)."""
+        doc = self._get(path)
+        if not (isinstance(doc, dict) and doc.get("ok") is True):
+            raise AssertionError("the mock refused %s: %r" % (path, doc))
+        return doc
+
     def config(self, **kw):
-        return self._get("/_mock/config?" + urllib.parse.urlencode(kw))
+        return self._set("/_mock/config?" + urllib.parse.urlencode(kw))
 
     def reset(self):
-        return self._get("/_mock/reset")
+        return self._set("/_mock/reset")
 
     def stop(self):
-        stop_pid(self.proc)
+        if self in _live_mocks:
+            _live_mocks.remove(self)
+        if self.proc.returncode is None:
+            stop_pid(self.proc)
         self.log.close()
+        rc = self.proc.returncode
+        if rc != 0:  # it exits 0 on SIGTERM: anything else is a crash
+            raise AssertionError("the mock exited with status %s; its log: %s" % (rc, self.log.name))
         shutil.rmtree(self.dir, ignore_errors=True)
 
+
+# A line of an error log that says a process crashed: httpd's report of a
+# child killed by a signal (AH00052 "exit signal Segmentation fault"), glibc's
+# and the sanitizers' reports. Any of them fails the test that saw it.
+CRASH_RE = re.compile(r"exit signal|Segmentation fault|Aborted|Bus error|core dumped|stack smashing|"
+                      r"double free|free\(\): invalid|malloc\(\): |AddressSanitizer|LeakSanitizer|"
+                      r"UndefinedBehaviorSanitizer|ThreadSanitizer|runtime error:")
+
+# Every Apache of the run that is not stopped yet, whoever made it: the check
+# after each test (below) looks at all their error logs.
+_live_servers = []
+_server_serial = [0]
+_live_mocks = []
 
 BASE_MODULES = ["authn_core", "authn_file", "authz_core", "authz_user", "authz_host", "auth_basic",
                 "socache_shmcb", "env", "setenvif", "mime", "status"]
@@ -191,10 +230,17 @@ class Apache:
     """A real apache2 in a temp dir, with mod_cardscan and Basic auth users."""
 
     def __init__(self, mpm="event", body="", global_conf="", loglevel="cardscan:debug",
-                 modules=(), servers=4, start=True, mpm_conf=None, access_log=False):
+                 modules=(), servers=4, start=True, mpm_conf=None, access_log=False, launcher=()):
         """mpm_conf: replaces the MPM tuning lines (StartServers...) entirely.
-        access_log: log "%P %u %>s %m %U" per request to self.access_log."""
+        access_log: log "%P %u %>s %m %U" per request to self.access_log.
+        launcher: a command prefix for apache2 (e.g. DROP_DAC)."""
         self.mpm = mpm
+        self.launcher = list(launcher)
+        self._crash_mark = 0
+        self._stopped = False
+        _server_serial[0] += 1
+        self.serial = _server_serial[0]
+        _live_servers.append(self)
         self.dir = tempfile.mkdtemp(prefix="cs-httpd-")
         os.chmod(self.dir, 0o755)
         self.port = free_port()
@@ -251,8 +297,9 @@ DocumentRoot "{self.dir}"
             self.start()
 
     def configtest(self):
-        return subprocess.run([HTTPD, "-t", "-f", self.conf], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=60, env=httpd_env(getattr(self, "env", None)))
+        return subprocess.run(self.launcher + [HTTPD, "-t", "-f", self.conf],
+                              env=httpd_env(getattr(self, "env", None)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=60)
 
     def start(self, env=None):
         """env: extra variables for apache2's environment (e.g. for
@@ -261,7 +308,7 @@ DocumentRoot "{self.dir}"
             self.env = dict(env)
         # A session of its own: on shutdown prefork signals its whole process
         # group (killpg), which would otherwise include the test runner.
-        self.proc = subprocess.Popen([HTTPD, "-f", self.conf, "-DFOREGROUND"],
+        self.proc = subprocess.Popen(self.launcher + [HTTPD, "-f", self.conf, "-DFOREGROUND"],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      start_new_session=True, env=httpd_env(getattr(self, "env", None)))
 
@@ -281,16 +328,47 @@ DocumentRoot "{self.dir}"
     def graceful(self):
         os.kill(self.proc.pid, signal.SIGUSR1)
 
+    def generation(self):
+        """How many times this server has (re)started its children so far."""
+        return self.log().count("resuming normal operations")
+
+    def graceful_and_wait(self, timeout=30):
+        """A graceful restart, waited for: returns when the new generation
+        is serving (the log says so)."""
+        before = self.generation()
+        self.graceful()
+        wait_for(lambda: self.generation() > before, timeout, "a graceful restart")
+
+    def crash_lines(self):
+        """Crash reports (CRASH_RE) written to the error log since the last
+        call; each is reported once."""
+        text = self.log()
+        end = text.rfind("\n") + 1  # whole lines only: the last may be half written
+        if self._stopped or not self.running():
+            end = len(text)
+        new = text[self._crash_mark:end]
+        self._crash_mark = max(self._crash_mark, end)
+        return [ln for ln in new.splitlines() if CRASH_RE.search(ln)]
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
     def stop(self):
-        if self.proc and self.proc.poll() is None:
+        """Stops apache2 (its children first exit) and fails (AssertionError)
+        when any process of it crashed; the directory is kept then."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self in _live_servers:
+            _live_servers.remove(self)
+        if self.running():
             stop_pid(self.proc, signal.SIGTERM, 30)
         if self.proc and self.proc.stdout:
             self.proc.stdout.close()
-        # under the sanitizer build, a finding in any child fails the test
-        findings = [l for l in self.log().splitlines()
-                    if "ERROR: AddressSanitizer" in l or "runtime error:" in l]
-        if findings:
-            raise AssertionError("sanitizer findings in %s:\n%s" % (self.error_log, "\n".join(findings[:20])))
+        crashes = self.crash_lines()
+        if crashes:
+            raise AssertionError("a process of apache2 crashed (logs kept in %s):\n%s"
+                                 % (self.dir, "\n".join(crashes[:20])))
         if os.environ.get("CS_KEEP_LOGS"):
             return
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -344,6 +422,56 @@ DocumentRoot "{self.dir}"
         """Waits (bounded) until the error log contains text; returns the log."""
         wait_for(lambda: text in self.log(), timeout, "%r in the error log" % text)
         return self.log()
+
+
+def _check_servers_after_test(first_serial):
+    """After each test: servers it made and did not stop are stopped, and a
+    crash in the error log of any server still running (a class's shared
+    server included) fails the test it happened in."""
+    problems = []
+    for a in list(_live_servers):
+        if a.serial > first_serial:
+            try:
+                a.stop()
+            except AssertionError as e:
+                problems.append(str(e))
+    for a in list(_live_servers):
+        crashes = a.crash_lines()
+        if crashes:
+            problems.append("a process of apache2 crashed (error log %s):\n%s"
+                            % (a.error_log, "\n".join(crashes[:20])))
+    if problems:
+        raise AssertionError("\n".join(problems))
+
+
+_unittest_run = unittest.TestCase.run
+
+
+def _run_with_crash_check(self, result=None):
+    # A cleanup registered first runs last, after tearDown and the test's own
+    # cleanups, and a failure there fails this test (Python >= 3.11).
+    self.addCleanup(_check_servers_after_test, _server_serial[0])
+    return _unittest_run(self, result)
+
+
+unittest.TestCase.run = _run_with_crash_check
+
+
+@atexit.register
+def _stop_leftovers():
+    """Servers and mocks a test class did not stop (its tearDownClass failed
+    half-way, say) are stopped when the run ends."""
+    for x in list(_live_servers) + list(_live_mocks):
+        try:
+            x.stop()
+        except AssertionError as e:
+            print(e)
+
+
+# apache2 as root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH: root then
+# reads only what file modes allow it, like any user (Apache(launcher=...)).
+DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+            "--inh-caps=-dac_override,-dac_read_search"]
 
 
 def jwt_payload(token):

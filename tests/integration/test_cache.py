@@ -86,13 +86,10 @@ class CacheTest(MockTestCase):
     def _until_new_token(self, a, old, user="alice", limit=10.0):
         """Polls (bounded) until the reply carries another token; returns
         (monotonic time of that reply, its document)."""
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
+        def new_token():
             doc = self.token_of(a.request(user=user), user)
-            if doc["Token"] != old:
-                return time.monotonic(), doc
-            time.sleep(0.1)
-        self.fail("the token was never refreshed within %.0f s" % limit)
+            return (time.monotonic(), doc) if doc["Token"] != old else None
+        return wait_for(new_token, limit, "a refreshed token")
 
     # These two pin the serving time alone: refresh ahead (its own tests in
     # test_serving.py) would bring the new token earlier.

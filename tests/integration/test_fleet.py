@@ -113,7 +113,7 @@ def fleet_conf(mock, cache, key=TEST_KEY, extra=""):
     return apache_conf(key=key, endpoint=mock.http_url, extra="CardScanCache %s\n%s" % (cache, extra))
 
 
-@unittest.skipUnless(REDIS and MEMCACHED, "redis-server and memcached are installed by scripts/test")
+@unittest.skipUnless(REDIS and MEMCACHED, "needs redis-server and memcached (apt-get install redis-server memcached)")
 class FleetTests(MockTestCase):
     @classmethod
     def setUpClass(cls):
@@ -261,7 +261,7 @@ class FleetTests(MockTestCase):
         self._storm_over_three_servers("memcache:127.0.0.1:%d" % self.memcached.port)
 
 
-@unittest.skipUnless(REDIS, "redis-server is installed by scripts/test")
+@unittest.skipUnless(REDIS, "needs redis-server (apt-get install redis-server)")
 class RedisOutageTests(MockTestCase):
     """Redis down, slow or restarted: requests still succeed through the API,
     the log is not flooded, and the cache is used again without a restart."""

@@ -340,50 +340,79 @@ class KeyFilePermissionsTest(ClassApache):
 
 # ----------------------------------------------------------------- transport
 
+# An OpenSSL configuration that lets the system accept TLS 1.0 and 1.1
+# (Debian's OpenSSL refuses them on its own): given to the test server and to
+# apache2 (so to libcurl), only the module's own minimum refuses them then.
+LEGACY_TLS_CNF = """openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+MinProtocol = TLSv1
+CipherString = DEFAULT:@SECLEVEL=0
+"""
+
+
+def legacy_tls_env():
+    path = os.path.join(session_dir(), "legacy-tls.cnf")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write(LEGACY_TLS_CNF)
+        os.chmod(path, 0o644)
+    return {"OPENSSL_CONF": path}
+
+
 def _s_server(version_flag, port):
     sd = session_dir()
     return subprocess.Popen(
         ["openssl", "s_server", version_flag, "-cipher", "DEFAULT:@SECLEVEL=0",
          "-cert", os.path.join(sd, "server.pem"), "-key", os.path.join(sd, "server.key"),
          "-accept", "127.0.0.1:%d" % port, "-www", "-quiet"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=dict(os.environ, **legacy_tls_env()))
 
 
-def _tls_probe(port, version_flag):
-    """Whether an openssl client negotiates that version with the server."""
-    r = subprocess.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % port, version_flag,
-                        "-cipher", "DEFAULT:@SECLEVEL=0"],
-                       input=b"", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=10)
-    return r.returncode == 0 and b"Protocol  : TLSv1.1" in r.stdout
+def _curl_version(port, flags):
+    """The TLS version curl (libcurl, as the module uses it) negotiates with
+    the server under the legacy configuration, or None."""
+    r = subprocess.run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}"] + flags +
+                       ["https://127.0.0.1:%d/" % port], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       timeout=20, env=dict(os.environ, **legacy_tls_env()))
+    return r.returncode == 0 and r.stdout == b"200"
 
 
 class TransportTest(ClassApache):
     def test_tls_below_1_2_is_refused(self):
-        p11, p12 = free_port(), free_port()
-        s11 = _s_server("-tls1_1", p11)
-        s12 = _s_server("-tls1_2", p12)
+        servers = {v: (free_port(), None) for v in ("-tls1", "-tls1_1", "-tls1_2")}
+        servers = {v: (p, _s_server(v, p)) for v, (p, _) in servers.items()}
         try:
-            harness.wait_for(lambda: port_open(p11) and port_open(p12), 10, "openssl s_server")
-            if not _tls_probe(p11, "-tls1_1"):
-                self.skipTest("openssl s_server cannot serve TLS 1.1 on this machine")
-            port_a, port_b = free_port(), free_port()
+            harness.wait_for(lambda: all(port_open(p) for p, _ in servers.values()), 10, "openssl s_server")
+            # the system (OpenSSL and libcurl under this configuration) accepts
+            # TLS 1.0 and 1.1: what refuses them below is the module
+            for v, flags in (("-tls1", ["--tlsv1.0", "--tls-max", "1.0"]), ("-tls1_1", ["--tlsv1.1", "--tls-max", "1.1"])):
+                self.assertTrue(_curl_version(servers[v][0], flags), "the test's OpenSSL configuration "
+                                "does not let curl speak %s: the test would not test the module" % v)
             sd = session_dir()
-            body = (vhost(port_a, "CardScanEndpoint https://127.0.0.1:%d/v1" % p11) +
-                    vhost(port_b, "CardScanEndpoint https://127.0.0.1:%d/v1" % p12))
-            a = self.start_apache(body=body, global_conf=server_conf(
+            ports = {v: free_port() for v in servers}
+            body = "".join(vhost(ports[v], "CardScanEndpoint https://127.0.0.1:%d/v1" % servers[v][0])
+                           for v in servers)
+            a = self.start_apache(body=body, env=legacy_tls_env(), global_conf=server_conf(
                 "CardScanAPIKey " + TEST_KEY, 'CardScanCAFile "%s/ca.pem"' % sd, "CardScanTimeout 3"))
-            mark = len(a.log())
-            self.assert_error(a.request(port=port_a), 502, "upstream_error")
-            log = a.log()[mark:]
-            self.assertRegex(log, r"(?i)\[cardscan:error\].*(ssl|tls)", "no log line about TLS:\n" + log)
-            self.assertNotIn("not a JSON object", log)
+            for v in ("-tls1", "-tls1_1"):
+                with self.subTest(v):
+                    mark = len(a.log())
+                    self.assert_error(a.request(port=ports[v]), 502, "upstream_error")
+                    log = a.log()[mark:]
+                    self.assertRegex(log, r"(?i)\[cardscan:error\].*(ssl|tls)", "no log line about TLS:\n" + log)
+                    self.assertNotIn("not a JSON object", log, "the module spoke %s with the server" % v)
             # control: the same server at TLS 1.2 gets past the handshake (and
             # then fails on its HTML status page, not on TLS)
             mark = len(a.log())
-            self.assert_error(a.request(port=port_b), 502, "upstream_error")
+            self.assert_error(a.request(port=ports["-tls1_2"]), 502, "upstream_error")
             self.assertIn("not a JSON object", a.log()[mark:])
         finally:
-            for p in (s11, s12):
+            for _, p in servers.values():
                 stop_pid(p, signal.SIGTERM, 10)
 
     def test_plain_http_to_localhost_by_name(self):

@@ -11,7 +11,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import (LIVE_KEY, TEST_KEY, Apache, MockTestCase, apache_conf, jwt_payload,  # noqa: E402
+from harness import (DROP_DAC, LIVE_KEY, TEST_KEY, Apache, MockTestCase, apache_conf, jwt_payload,  # noqa: E402
                      session_dir, stop_pid)
 
 SANDBOX = "https://sandbox.cardscan.ai/v1"
@@ -27,8 +27,8 @@ class StartupTest(MockTestCase):
         os.chmod(self.tmp, 0o755)
         self.addCleanup(shutil.rmtree, self.tmp, True)
 
-    def server(self, global_conf, body=""):
-        a = Apache(global_conf=global_conf, body=body, start=False)
+    def server(self, global_conf, body="", launcher=()):
+        a = Apache(global_conf=global_conf, body=body, start=False, launcher=launcher)
         self.servers.append(a)  # stopped (and removed) by tearDown
         return a
 
@@ -39,10 +39,10 @@ class StartupTest(MockTestCase):
         os.chmod(path, mode)
         return path
 
-    def assert_refused(self, global_conf, body="", expect=(), secrets=()):
+    def assert_refused(self, global_conf, body="", expect=(), secrets=(), launcher=()):
         """apache2 -t and a real start both fail and print every text of
         expect; no secret of secrets appears in what they print."""
-        a = self.server(global_conf, body)
+        a = self.server(global_conf, body, launcher)
         out = a.configtest()
         text = out.stdout.decode("utf-8", "replace")
         self.assertNotEqual(out.returncode, 0, text)
@@ -120,10 +120,12 @@ class StartupTest(MockTestCase):
                             expect=("CardScanAPIKey", "cannot read the API key file", missing))
         self.assert_refused(apache_conf(key="file:" + self.tmp, endpoint=self.mock.http_url),
                             expect=("CardScanAPIKey", "not a regular file"))
-        if os.geteuid() != 0:  # root reads a mode-000 file anyway
-            path = self.key_file(TEST_KEY + "\n", 0o000)
-            self.assert_refused(apache_conf(key="file:" + path, endpoint=self.mock.http_url),
-                                expect=("CardScanAPIKey", "cannot read the API key file"))
+        # root reads a mode-000 file anyway: as root, apache2 runs without the
+        # capabilities that override file modes (as a non-root user would)
+        path = self.key_file(TEST_KEY + "\n", 0o000)
+        self.assert_refused(apache_conf(key="file:" + path, endpoint=self.mock.http_url),
+                            expect=("CardScanAPIKey", "cannot read the API key file", "Permission denied"),
+                            launcher=DROP_DAC if os.geteuid() == 0 else ())
 
     def test_env_key_unset(self):
         self.assertNotIn(UNSET_ENV, os.environ)

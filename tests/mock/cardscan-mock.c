@@ -158,6 +158,7 @@ struct config {
                              changed */
     long latency_ms, lifetime, clock_skew, session_id, retry_after;
     char fault_user[256]; /* "": the fault applies to every user */
+    long signature_bytes; /* of a token's signature part; 0 = the default */
 };
 
 /* The numeric settings of /_mock/config, with their accepted ranges. */
@@ -172,6 +173,7 @@ static const struct {
      1000000000},
     {"session_id", offsetof(struct config, session_id), 0, 1},
     {"retry_after", offsetof(struct config, retry_after), 0, 1000000000},
+    {"signature_bytes", offsetof(struct config, signature_bytes), 0, 1000000},
 };
 
 /* Everything shared between threads, guarded by `lock`. */
@@ -713,6 +715,7 @@ static enum action send_token(struct conn *c, enum fault fault,
     }
     char *jwt = make_jwt(user_id, iat, exp, flags, jti,
                          fault == FAULT_OVERSIZED ? OVERSIZED_SIGNATURE_BYTES
+                         : cfg->signature_bytes   ? (size_t)cfg->signature_bytes
                                                   : SIGNATURE_BYTES);
     char identity[48], session[37];
     make_ids(user_id, identity, session);

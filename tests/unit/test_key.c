@@ -217,6 +217,53 @@ START_TEST(bad_key_in_file_is_refused)
 }
 END_TEST
 
+/* "sk_test_cardscan_ai_" followed by 'a's, len characters in all */
+static char *long_key(apr_size_t len)
+{
+    char *k = apr_palloc(tp, len + 1);
+    memcpy(k, "sk_test_cardscan_ai_", 20);
+    memset(k + 20, 'a', len - 20);
+    k[len] = '\0';
+    return k;
+}
+
+START_TEST(refuses_keys_over_512_characters)
+{
+    cs_key_t *k;
+    const char *err = NULL;
+    ck_assert_int_eq(cs_key_parse(tp, long_key(512), &k, &err), APR_SUCCESS);
+    ck_assert_int_ne(cs_key_parse(tp, long_key(513), &k, &err), APR_SUCCESS);
+    ck_assert_ptr_nonnull(strstr(err, "too long"));
+    ck_assert_ptr_null(strstr(err, "aaaaaaaa"));
+}
+END_TEST
+
+START_TEST(refuses_key_files_of_4_kib_and_more)
+{
+    cs_key_t *k;
+    const char *warn, *err = NULL;
+    /* a good key padded with blanks: the file's size alone decides */
+    char *text = apr_palloc(tp, 4097);
+    memset(text, ' ', 4096);
+    memcpy(text, TEST_KEY, strlen(TEST_KEY));
+    text[4095] = '\0';
+    const char *path = write_key_file(text, 0600);
+    ck_assert_int_eq(
+        cs_key_load(tp, apr_pstrcat(tp, "file:", path, NULL), &k, &warn, &err),
+        APR_SUCCESS);
+    ck_assert_str_eq(k->secret, TEST_KEY);
+    unlink(path);
+    text[4095] = ' ';
+    text[4096] = '\0';
+    path = write_key_file(text, 0600);
+    ck_assert_int_ne(
+        cs_key_load(tp, apr_pstrcat(tp, "file:", path, NULL), &k, &warn, &err),
+        APR_SUCCESS);
+    ck_assert_ptr_nonnull(strstr(err, "too large"));
+    unlink(path);
+}
+END_TEST
+
 Suite *key_suite(void)
 {
     Suite *s = suite_create("key");
@@ -231,6 +278,8 @@ Suite *key_suite(void)
     tcase_add_test(tc, loads_from_env_and_removes_it);
     tcase_add_test(tc, key_file_replaced_while_read);
     tcase_add_test(tc, bad_key_in_file_is_refused);
+    tcase_add_test(tc, refuses_keys_over_512_characters);
+    tcase_add_test(tc, refuses_key_files_of_4_kib_and_more);
     suite_add_tcase(s, tc);
     return s;
 }
