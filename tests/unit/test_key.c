@@ -247,7 +247,7 @@ START_TEST(refuses_key_files_of_4_kib_and_more)
     memset(text, ' ', 4096);
     memcpy(text, TEST_KEY, strlen(TEST_KEY));
     text[4095] = '\0';
-    const char *path = write_key_file(text, 0600);
+    const char *path = write_temp_file(text, 0600);
     ck_assert_int_eq(
         cs_key_load(tp, apr_pstrcat(tp, "file:", path, NULL), &k, &warn, &err),
         APR_SUCCESS);
@@ -255,7 +255,7 @@ START_TEST(refuses_key_files_of_4_kib_and_more)
     unlink(path);
     text[4095] = ' ';
     text[4096] = '\0';
-    path = write_key_file(text, 0600);
+    path = write_temp_file(text, 0600);
     ck_assert_int_ne(
         cs_key_load(tp, apr_pstrcat(tp, "file:", path, NULL), &k, &warn, &err),
         APR_SUCCESS);
