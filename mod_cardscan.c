@@ -1551,7 +1551,7 @@ static void cs_child_init(apr_pool_t *p, server_rec *s)
     }
     /* a user's hits copied for a second: many requests of one user at once
      * then share no lock with other processes */
-    if (cs_g.shards &&
+    if (cs_g.store &&
         apr_thread_rwlock_create(&cs_g.local_lock, p) == APR_SUCCESS)
         cs_g.local = apr_pcalloc(p, CS_LOCAL_SLOTS * sizeof(cs_local_slot));
     /* refresh-ahead threads, with every signal blocked: signals are the
