@@ -331,9 +331,14 @@ class IsolationTest(unittest.TestCase):
         # waited for it find nothing, and each makes its own call in turn
         self.fast.config(fault="noexp", latency_ms=300)
         a = self.start()
+        t0 = time.monotonic()
         results = run_concurrently(lambda: a.request()[0], [()] * 5)
+        elapsed = time.monotonic() - t0
         self.assertEqual(results, [200] * 5)
         self.assertEqual(self.fast.calls(), 5)
+        # one after the other as the lock comes free (5 x 0.3 s), not after
+        # waiting out CardScanTimeout (5 s)
+        self.assertLess(elapsed, 4.0)
         m = metrics(a)
         self.assertGreaterEqual(m["cardscan_singleflight_waits_total"], 1)
         self.assertEqual(m['cardscan_requests_total{outcome="fetched"}'], 5)
