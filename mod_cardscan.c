@@ -27,7 +27,7 @@
 #include "apr_thread_rwlock.h"
 #include "apr_strings.h"
 
-#include "apr_thread_pool.h"
+#include "apr_thread_cond.h"
 
 #include "lib/cardscan.h"
 #include "lib/cs_store.h"
@@ -137,7 +137,7 @@ static struct {
     cs_store_t shmcb_store;            /* the store over the shards above */
     apr_interval_time_t store_timeout; /* deadline of a store operation */
     cs_upstream_t *upstream;           /* per child, from child_init */
-    apr_thread_pool_t *refresher;      /* per child: refresh-ahead threads */
+    struct cs_refresher *refresher;    /* per child: refresh-ahead threads */
     apr_thread_mutex_t *refresh_lock;
     cs_refresh_slot refresh_slots[CS_REFRESH_SLOTS];
     int refresh_failing;  /* the last refresh of this process failed */
@@ -1534,6 +1534,8 @@ static int cs_post_config(apr_pool_t *pconf, apr_pool_t *plog,
     return OK;
 }
 
+static apr_status_t refresher_start(apr_pool_t *p);
+
 static void cs_child_init(apr_pool_t *p, server_rec *s)
 {
     const char *err = NULL;
@@ -1554,37 +1556,18 @@ static void cs_child_init(apr_pool_t *p, server_rec *s)
     if (cs_g.store &&
         apr_thread_rwlock_create(&cs_g.local_lock, p) == APR_SUCCESS)
         cs_g.local = apr_pcalloc(p, CS_LOCAL_SLOTS * sizeof(cs_local_slot));
-    /* refresh-ahead threads, with every signal blocked: signals are the
-     * MPM's business, in its own threads */
-    if (cs_g.store) {
-        sigset_t all, old;
-        int threaded = 0, threads;
-        ap_mpm_query(AP_MPMQ_IS_THREADED, &threaded);
-        threads = threaded == AP_MPMQ_NOT_SUPPORTED ? CS_REFRESH_THREADS_PREFORK
-                                                    : CS_REFRESH_THREADS;
-        sigfillset(&all);
-        pthread_sigmask(SIG_BLOCK, &all, &old);
-        if (apr_thread_mutex_create(&cs_g.refresh_lock,
-                                    APR_THREAD_MUTEX_DEFAULT,
-                                    p) != APR_SUCCESS ||
-            apr_thread_pool_create(&cs_g.refresher, threads, threads, p) !=
-                APR_SUCCESS) {
-            cs_g.refresher = NULL;
-            ap_log_error(APLOG_MARK, APLOG_ERR, 0, s,
-                         APLOGNO(10534) "mod_cardscan: cannot start the "
-                                        "refresh threads: tokens are not "
-                                        "refreshed ahead of expiry");
-        }
-        else
-            apr_thread_pool_idle_max_set(cs_g.refresher, threads);
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
-    }
     if (apr_gethostname(cs_g.host_tag, sizeof(cs_g.host_tag), p) != APR_SUCCESS)
         apr_cpystrn(cs_g.host_tag, "host", sizeof(cs_g.host_tag));
     /* libcurl handles are per process: none survives a fork */
     if (cs_upstream_create(p, &cs_g.upstream, &err) != APR_SUCCESS)
         ap_log_error(APLOG_MARK, APLOG_CRIT, 0, s,
                      APLOGNO(10510) "mod_cardscan: %s", err);
+    /* its threads are stopped before the HTTP client goes */
+    if (cs_g.store && cs_g.upstream && refresher_start(p) != APR_SUCCESS)
+        ap_log_error(APLOG_MARK, APLOG_ERR, 0, s,
+                     APLOGNO(10534) "mod_cardscan: cannot start the refresh "
+                                    "threads: tokens are not refreshed ahead "
+                                    "of expiry");
 }
 
 /* ---------------------------------------------------------------- replies */
@@ -2027,13 +2010,11 @@ static int refresh_claim(const cs_call *c, apr_time_t now)
     return claimed;
 }
 
-static void *APR_THREAD_FUNC refresh_task(apr_thread_t *t, void *data)
+static void refresh_one(cs_refresh_job *job)
 {
-    cs_refresh_job *job = data;
     cs_call c;
     cs_entry_t e;
     int retry_after = 0;
-    (void)t;
 
     call_init(&c, NULL, job->s, job->pool, job->d, job->user_id);
     if (store_lock(&c) != CS_LOCK_HELD) {
@@ -2072,7 +2053,111 @@ static void *APR_THREAD_FUNC refresh_task(apr_thread_t *t, void *data)
         }
     }
     apr_pool_destroy(job->pool);
+}
+
+/* The refresh threads of a process: a ring of jobs under a mutex and a
+ * condition. They are stopped and joined when the process ends, before
+ * its HTTP client is cleaned up; the jobs still queued are dropped. */
+typedef struct cs_refresher {
+    apr_thread_mutex_t *lock;
+    apr_thread_cond_t *more;
+    apr_thread_t *threads[CS_REFRESH_THREADS];
+    int nthreads, stopping;
+    cs_refresh_job *queue[CS_REFRESH_QUEUE];
+    unsigned int head, count;
+} cs_refresher;
+
+static void *APR_THREAD_FUNC refresh_thread(apr_thread_t *t, void *data)
+{
+    cs_refresher *rf = data;
+
+    for (;;) {
+        cs_refresh_job *job;
+        apr_thread_mutex_lock(rf->lock);
+        while (!rf->count && !rf->stopping)
+            apr_thread_cond_wait(rf->more, rf->lock);
+        if (rf->stopping) {
+            apr_thread_mutex_unlock(rf->lock);
+            break;
+        }
+        job = rf->queue[rf->head];
+        rf->head = (rf->head + 1) % CS_REFRESH_QUEUE;
+        rf->count--;
+        apr_thread_mutex_unlock(rf->lock);
+        refresh_one(job);
+    }
+    apr_thread_exit(t, APR_SUCCESS);
     return NULL;
+}
+
+static apr_status_t refresher_stop(void *data)
+{
+    cs_refresher *rf = data;
+    apr_status_t rv;
+
+    apr_thread_mutex_lock(rf->lock);
+    rf->stopping = 1;
+    apr_thread_cond_broadcast(rf->more);
+    apr_thread_mutex_unlock(rf->lock);
+    for (int i = 0; i < rf->nthreads; i++)
+        apr_thread_join(&rv, rf->threads[i]);
+    for (; rf->count; rf->count--, rf->head = (rf->head + 1) % CS_REFRESH_QUEUE)
+        apr_pool_destroy(rf->queue[rf->head]->pool);
+    rf->nthreads = 0;
+    cs_g.refresher = NULL;
+    return APR_SUCCESS;
+}
+
+/* Starts the threads, with every signal blocked: signals are the MPM's
+ * business, in its own threads. Threaded MPMs serve many users per process,
+ * prefork one connection. */
+static apr_status_t refresher_start(apr_pool_t *p)
+{
+    cs_refresher *rf = apr_pcalloc(p, sizeof(*rf));
+    int threaded = 0, n;
+    sigset_t all, old;
+    apr_status_t rv;
+
+    ap_mpm_query(AP_MPMQ_IS_THREADED, &threaded);
+    n = threaded == AP_MPMQ_NOT_SUPPORTED ? CS_REFRESH_THREADS_PREFORK
+                                          : CS_REFRESH_THREADS;
+    if ((rv = apr_thread_mutex_create(&cs_g.refresh_lock,
+                                      APR_THREAD_MUTEX_DEFAULT, p)) ||
+        (rv =
+             apr_thread_mutex_create(&rf->lock, APR_THREAD_MUTEX_DEFAULT, p)) ||
+        (rv = apr_thread_cond_create(&rf->more, p)))
+        return rv;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    for (rv = APR_SUCCESS; rf->nthreads < n && rv == APR_SUCCESS;)
+        if ((rv = apr_thread_create(&rf->threads[rf->nthreads], NULL,
+                                    refresh_thread, rf, p)) == APR_SUCCESS)
+            rf->nthreads++;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    /* a pre-cleanup: it runs before the pool destroys its subpools, among
+     * them the threads' own, and before the HTTP client's cleanup */
+    apr_pool_pre_cleanup_register(p, rf, refresher_stop);
+    if (!rf->nthreads)
+        return rv;
+    cs_g.refresher = rf;
+    return APR_SUCCESS;
+}
+
+/* Queues a job; 0 when the queue is full or the threads are stopping. */
+static int refresher_push(cs_refresh_job *job)
+{
+    cs_refresher *rf = cs_g.refresher;
+    int queued = 0;
+
+    apr_thread_mutex_lock(rf->lock);
+    if (!rf->stopping && rf->count < CS_REFRESH_QUEUE) {
+        rf->queue[(rf->head + rf->count) % CS_REFRESH_QUEUE] = job;
+        rf->count++;
+        apr_thread_cond_signal(rf->more);
+        queued = 1;
+    }
+    apr_thread_mutex_unlock(rf->lock);
+    return queued;
 }
 
 /* Starts a refresh of the user's token in the background, unless this
@@ -2082,8 +2167,7 @@ static int refresh_later(const cs_call *c, const cs_entry_t *tok)
     cs_refresh_job *job;
     apr_pool_t *pool;
 
-    if (!cs_g.refresher || !cs_g.store || !refresh_claim(c, apr_time_now()) ||
-        apr_thread_pool_tasks_count(cs_g.refresher) >= CS_REFRESH_QUEUE)
+    if (!cs_g.refresher || !cs_g.store || !refresh_claim(c, apr_time_now()))
         return 0;
     if (apr_pool_create_unmanaged_ex(&pool, NULL, NULL) != APR_SUCCESS)
         return 0;
@@ -2095,8 +2179,7 @@ static int refresh_later(const cs_call *c, const cs_entry_t *tok)
     job->d = apr_pmemdup(pool, c->d, sizeof(*c->d));
     job->user_id = apr_pstrdup(pool, c->user_id);
     job->seen = tok->created;
-    if (apr_thread_pool_push(cs_g.refresher, refresh_task, job, 0, NULL) !=
-        APR_SUCCESS) {
+    if (!refresher_push(job)) {
         apr_pool_destroy(pool);
         return 0;
     }

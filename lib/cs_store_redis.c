@@ -8,8 +8,11 @@
  *
  * Several servers: each id lives on one of them, chosen by a hash of the
  * id (cs_store_pick), the same on every web server that lists the servers
- * in the same order. There is no failing over to another server: the
- * caller treats a failure as a miss and backs off.
+ * in the same order. A server that refuses connections is passed over for
+ * the next one in the list (and left alone for a few seconds by this
+ * process), so its users' entries find a place on the others; a server
+ * that accepts but does not answer costs the deadline, and the caller
+ * backs off.
  *
  * hiredis writes with write(2): like every httpd child, the process must
  * ignore SIGPIPE. */
@@ -28,7 +31,11 @@
 typedef struct rd_server {
     cs_store_server_t addr;
     cs_conn_idle_t *idle;
+    apr_time_t down_until; /* refused a connection lately (per process) */
 } rd_server_t;
+
+/* how long a server that refused a connection is passed over */
+#define RD_DOWN_TIME apr_time_from_sec(5)
 
 typedef struct rd_store {
     cs_store_t st;
@@ -194,17 +201,17 @@ static apr_status_t rd_connect(const rd_store_t *rs, const rd_server_t *srv,
     return APR_SUCCESS;
 }
 
-/* Runs one command on the server of id. A connection taken from the idle
- * set that turns out closed (the server restarted, or dropped it) is
- * replaced once, for commands that may run twice. */
-static apr_status_t rd_call(rd_store_t *rs, const unsigned char *id,
-                            apr_size_t idlen, const char *doing, int argc,
-                            const char **argv, const size_t *argvlen,
-                            int idempotent, apr_time_t deadline,
-                            redisReply **reply, apr_pool_t *p, const char **err)
+/* Runs one command on srv. A connection taken from the idle set that turns
+ * out closed (the server restarted, or dropped it) is replaced once, for
+ * commands that may run twice. *unreachable: no connection could be made. */
+static apr_status_t rd_call_on(rd_store_t *rs, rd_server_t *srv,
+                               const char *doing, int argc, const char **argv,
+                               const size_t *argvlen, int idempotent,
+                               apr_time_t deadline, redisReply **reply,
+                               int *unreachable, apr_pool_t *p,
+                               const char **err)
 {
-    rd_server_t *srv = &rs->servers[cs_store_pick(id, idlen, rs->nservers)];
-    deadline = cs_store_deadline(deadline, rs->timeout);
+    *unreachable = 0;
     for (int attempt = 0;; attempt++) {
         redisContext *c = cs_conn_idle_take(srv->idle, apr_time_now());
         int reused = c != NULL;
@@ -212,8 +219,10 @@ static apr_status_t rd_call(rd_store_t *rs, const unsigned char *id,
 
         if (!c) {
             rv = rd_connect(rs, srv, deadline, &c, p, err);
-            if (rv != APR_SUCCESS)
+            if (rv != APR_SUCCESS) {
+                *unreachable = rv != APR_TIMEUP && rv != APR_EACCES;
                 return rv;
+            }
         }
         rv = command(srv, c, doing, argc, argv, argvlen, deadline, reply, p,
                      err);
@@ -225,6 +234,32 @@ static apr_status_t rd_call(rd_store_t *rs, const unsigned char *id,
         if (rv == APR_TIMEUP || !reused || !idempotent || attempt > 0)
             return rv;
     }
+}
+
+/* Runs one command on the server of id, or, while that one refuses
+ * connections, on the next in the list. */
+static apr_status_t rd_call(rd_store_t *rs, const unsigned char *id,
+                            apr_size_t idlen, const char *doing, int argc,
+                            const char **argv, const size_t *argvlen,
+                            int idempotent, apr_time_t deadline,
+                            redisReply **reply, apr_pool_t *p, const char **err)
+{
+    int first = cs_store_pick(id, idlen, rs->nservers), unreachable = 0;
+    apr_status_t rv = APR_EGENERAL;
+
+    deadline = cs_store_deadline(deadline, rs->timeout);
+    for (int k = 0; k < rs->nservers; k++) {
+        rd_server_t *srv = &rs->servers[(first + k) % rs->nservers];
+        int last = k + 1 == rs->nservers;
+        if (!last && apr_time_now() < srv->down_until)
+            continue;
+        rv = rd_call_on(rs, srv, doing, argc, argv, argvlen, idempotent,
+                        deadline, reply, &unreachable, p, err);
+        if (!unreachable || last)
+            return rv;
+        srv->down_until = apr_time_now() + RD_DOWN_TIME;
+    }
+    return rv;
 }
 
 static void rd_close(void *conn)

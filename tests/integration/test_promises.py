@@ -198,12 +198,12 @@ class TimeoutTests(PromiseCase):
         self.hole = Blackhole()
         self.addCleanup(self.hole.close)
 
-    def connect_ms(self, a, port):
+    def connect_ms(self, a, port, user="alice"):
         """One request to the vhost on port; returns (elapsed s, the connect
         time in ms that libcurl reports in the error log)."""
         mark = len(a.log())
         start = time.monotonic()
-        self.assert_error(a.request(port=port), 504, "upstream_timeout")
+        self.assert_error(a.request(port=port, user=user), 504, "upstream_timeout")
         elapsed = time.monotonic() - start
         # libcurl: "Failed to connect to ... after N ms" or "Connection timeout after N ms"
         m = re.search(r"127\.0\.0\.1:%d/v1: .*[Cc]onnect.* after (\d+) ms" % self.hole.port, a.log()[mark:])
@@ -224,16 +224,17 @@ class TimeoutTests(PromiseCase):
                 vhost(p_total, "CardScanTimeout 8\nCardScanEndpoint http://127.0.0.1:%d/v1" % self.hole.port))
         a = self.apache(body=body, global_conf=apache_conf(endpoint=self.mock.http_url,
                                                            extra="CardScanCircuitBreaker 0\n"))
-        # connecting: 2 s by default, and when only the total is given
-        for port in (p_default, p_total):
-            elapsed, ms = self.connect_ms(a, port)
+        # connecting: 2 s by default, and when only the total is given (a
+        # user each: a failed call is remembered for its user a few seconds)
+        for port, user in ((p_default, "alice"), (p_total, "bob")):
+            elapsed, ms = self.connect_ms(a, port, user)
             self.assertTrue(1900 <= ms < 3000, "connect gave up after %d ms, not 2 s" % ms)
             self.assertLess(elapsed, 4.0)
         # the whole exchange: 5 s
         self.mock.config(fault="hang")
         start = time.monotonic()
         mark = len(a.log())
-        self.assert_error(a.request(), 504, "upstream_timeout")
+        self.assert_error(a.request(user="carol"), 504, "upstream_timeout")
         elapsed = time.monotonic() - start
         self.assertTrue(4.8 <= elapsed < 7.5, "the default deadline was %.2f s, not 5 s" % elapsed)
         m = re.search(r"timed out after (\d+) milli", a.log()[mark:])
@@ -576,10 +577,12 @@ class ProxyTests(PromiseCase):
     def test_socks5h_proxy(self):
         p = self.proxy("socks5")
         # the host name goes to the proxy, which resolves it (socks5h)
-        a = self.apache(global_conf=apache_conf(endpoint="http://localhost:%d/v1" % self.mock.http_port,
-                                                extra="CardScanProxy %s\n" % p.url))
+        # (https: an http:// endpoint on loopback never goes through a proxy)
+        a = self.apache(global_conf=apache_conf(endpoint="https://localhost:%d/v1" % self.mock.https_port,
+                                                extra='CardScanProxy %s\nCardScanCAFile "%s/ca.pem"\n'
+                                                % (p.url, session_dir())))
         self.assert_token(a.request(), "alice")
-        self.assertEqual(p.seen, [("socks5", 3, "localhost", self.mock.http_port)])
+        self.assertEqual(p.seen, [("socks5", 3, "localhost", self.mock.https_port)])
         self.assertEqual(self.mock.calls(), 1)
 
     def test_https_proxy(self):

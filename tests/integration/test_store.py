@@ -80,13 +80,21 @@ class Load:
         return self.results
 
 
+# Test-only: a probe header makes a fresh user id for each probe (never in
+# production: the client would pick part of its id).
+PROBE_ID = 'CardScanUserID "%{REMOTE_USER}%{HTTP:X-Probe}"\n'
+_probes = iter(range(1000000))
+
+
 def cache_used(server, mock, user="carol"):
-    """True when two requests in a row for user cost no call: served from
-    the cache (a miss then a hit, or two hits)."""
-    server.request(user=user)
+    """True when the shared cache serves again: a fresh user's token, stored
+    by its first request, is found by a request made after the process's
+    own one-second copy of it is gone, with no further call."""
+    probe = {"X-Probe": "-probe%d" % next(_probes)}
+    server.request(user=user, headers=probe)
     n = mock.calls()
-    server.request(user=user)
-    server.request(user=user)
+    time.sleep(1.2)  # past the per-process copy (1 s): the next read is the cache's
+    server.request(user=user, headers=probe)
     return mock.calls() == n
 
 
@@ -107,7 +115,7 @@ class StalledCacheTests(MockTestCase):
 
     def stall_under_load(self, cache, proc):
         self.mock.config(latency_ms=int(API_LATENCY * 1000))
-        a = self.apache(global_conf=fleet_conf(self.mock, cache), servers=2)
+        a = self.apache(global_conf=fleet_conf(self.mock, cache, extra=PROBE_ID), servers=2)
         for user in USERS:
             self.assertEqual(a.request(user=user)[0], 200)
         calls = self.mock.calls()
@@ -119,9 +127,10 @@ class StalledCacheTests(MockTestCase):
             os.kill(proc.pid, signal.SIGSTOP)
             try:
                 stalled_at = time.monotonic()
+                # the cache is left alone: once the processes' one-second
+                # copies are gone, requests call the API
+                wait_for(lambda: self.mock.calls() > calls, 20, "requests to call the API")
                 load.run_for(40, "load with the cache stalled")
-                # the cache is left alone: requests call the API
-                self.assertGreater(self.mock.calls(), calls)
             finally:
                 os.kill(proc.pid, signal.SIGCONT)
             continued_at = time.monotonic()
@@ -275,7 +284,8 @@ class RedisRestartTests(MockTestCase):
     def test_restart_mid_run_then_cache_used_again(self):
         redis = Redis()
         self.addCleanup(redis.close)
-        a = self.apache(global_conf=fleet_conf(self.mock, "redis:127.0.0.1:%d" % redis.port), servers=2)
+        a = self.apache(global_conf=fleet_conf(self.mock, "redis:127.0.0.1:%d" % redis.port, extra=PROBE_ID),
+                        servers=2)
         load = Load(a)
         try:
             load.run_for(20, "load")
