@@ -120,8 +120,23 @@ static void check_key_file(apr_pool_t *p, const uint8_t *data, size_t size)
                world ? "world-readable" : "private", warn ? "gave" : "gave no");
 }
 
-/* env:NAME holding the input as a C string. */
-static void check_key_env(apr_pool_t *p, const char *s)
+/* env:NAME holding the input as a C string. The loader keeps a value it
+ * took out of the environment in the root of its pool, for the next
+ * reading of the configuration: a root pool of its own per input, so that
+ * no input sees an earlier one's. */
+static void check_key_env_in(apr_pool_t *p, const char *s);
+
+static void check_key_env(apr_pool_t *parent, const char *s)
+{
+    apr_pool_t *p = NULL;
+    (void)parent;
+    FUZZ_CHECK(apr_pool_create_unmanaged_ex(&p, NULL, NULL) == APR_SUCCESS,
+               "pool");
+    check_key_env_in(p, s);
+    apr_pool_destroy(p);
+}
+
+static void check_key_env_in(apr_pool_t *p, const char *s)
 {
     const char *err = NULL, *err2 = NULL, *warn = "unset";
     cs_key_t *key = NULL, *key2 = NULL;
@@ -142,6 +157,9 @@ static void check_key_env(apr_pool_t *p, const char *s)
     }
     else {
         snprintf(envbuf, need, "%s=%s", ENV_NAME, s);
+        /* the loader takes the variable out of the environment: put the
+         * buffer back */
+        FUZZ_CHECK(putenv(envbuf) == 0, "putenv");
     }
     rv = cs_key_load(p, "env:" ENV_NAME, &key, &warn, &err);
     if (!*s) {
