@@ -2061,13 +2061,16 @@ static void refresh_one(cs_refresh_job *job)
 typedef struct cs_refresher {
     apr_thread_mutex_t *lock;
     apr_thread_cond_t *more;
-    apr_thread_t *threads[CS_REFRESH_THREADS];
+    pthread_t threads[CS_REFRESH_THREADS];
     int nthreads, stopping;
     cs_refresh_job *queue[CS_REFRESH_QUEUE];
     unsigned int head, count;
 } cs_refresher;
 
-static void *APR_THREAD_FUNC refresh_thread(apr_thread_t *t, void *data)
+/* Plain POSIX threads: an APR thread gets a pool of its own under the child
+ * pool, which it destroys when it exits; under prefork the child pool's
+ * allocator has no mutex, and threads exiting together corrupted it. */
+static void *refresh_thread(void *data)
 {
     cs_refresher *rf = data;
 
@@ -2086,21 +2089,19 @@ static void *APR_THREAD_FUNC refresh_thread(apr_thread_t *t, void *data)
         apr_thread_mutex_unlock(rf->lock);
         refresh_one(job);
     }
-    apr_thread_exit(t, APR_SUCCESS);
     return NULL;
 }
 
 static apr_status_t refresher_stop(void *data)
 {
     cs_refresher *rf = data;
-    apr_status_t rv;
 
     apr_thread_mutex_lock(rf->lock);
     rf->stopping = 1;
     apr_thread_cond_broadcast(rf->more);
     apr_thread_mutex_unlock(rf->lock);
     for (int i = 0; i < rf->nthreads; i++)
-        apr_thread_join(&rv, rf->threads[i]);
+        pthread_join(rf->threads[i], NULL);
     for (; rf->count; rf->count--, rf->head = (rf->head + 1) % CS_REFRESH_QUEUE)
         apr_pool_destroy(rf->queue[rf->head]->pool);
     rf->nthreads = 0;
@@ -2130,12 +2131,12 @@ static apr_status_t refresher_start(apr_pool_t *p)
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
     for (rv = APR_SUCCESS; rf->nthreads < n && rv == APR_SUCCESS;)
-        if ((rv = apr_thread_create(&rf->threads[rf->nthreads], NULL,
-                                    refresh_thread, rf, p)) == APR_SUCCESS)
+        if ((rv = pthread_create(&rf->threads[rf->nthreads], NULL,
+                                 refresh_thread, rf)) == 0)
             rf->nthreads++;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    /* a pre-cleanup: it runs before the pool destroys its subpools, among
-     * them the threads' own, and before the HTTP client's cleanup */
+    /* a pre-cleanup: the threads are gone before anything of the child
+     * pool, the HTTP client included, is cleaned up */
     apr_pool_pre_cleanup_register(p, rf, refresher_stop);
     if (!rf->nthreads)
         return rv;
