@@ -354,14 +354,9 @@ DocumentRoot "{self.dir}"
     def running(self):
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self):
-        """Stops apache2 (its children first exit) and fails (AssertionError)
-        when any process of it crashed; the directory is kept then."""
-        if self._stopped:
-            return
-        self._stopped = True
-        if self in _live_servers:
-            _live_servers.remove(self)
+    def halt(self):
+        """Stops apache2's processes, as stop() does, without its checks
+        (for a test that reads apache2's console output first)."""
         if self.running() and self.mpm in ("event", "worker"):
             # graceful-stop first, as apachectl graceful-stop does: the
             # threaded MPMs' ungraceful stop (SIGTERM) closes the workers'
@@ -379,6 +374,16 @@ DocumentRoot "{self.dir}"
                 pass
         if self.running():
             stop_pid(self.proc, signal.SIGTERM, 30)
+
+    def stop(self):
+        """Stops apache2 (its children first exit) and fails (AssertionError)
+        when any process of it crashed; the directory is kept then."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self in _live_servers:
+            _live_servers.remove(self)
+        self.halt()
         if self.proc and self.proc.stdout:
             self.proc.stdout.close()
         crashes = self.crash_lines()

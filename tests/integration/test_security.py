@@ -256,7 +256,7 @@ class SecretsInLogsTest(ClassApache):
         finally:
             try:
                 if a.proc and a.proc.poll() is None:
-                    stop_pid(a.proc, signal.SIGTERM, 30)
+                    a.halt()
                 console = a.proc.stdout.read().decode(errors="replace") if a.proc else ""
                 log = a.log()
             finally:

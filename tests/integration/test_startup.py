@@ -179,7 +179,7 @@ class StartupTest(MockTestCase):
         a.start()
         self.assertEqual(a.request()[0], 200)
         self.assertEqual(self.mock.stats()["requests"][-1]["headers"]["authorization"], "Bearer " + TEST_KEY)
-        stop_pid(a.proc, signal.SIGTERM, 30)
+        a.halt()
         started = a.proc.stdout.read().decode("utf-8", "replace") + a.log()
         self.assertIn("readable by every user", started)
         self.assertNotIn(TEST_KEY, started)
