@@ -836,12 +836,22 @@ static apr_interval_time_t lock_life(const cs_call *c)
 
 static cs_lock_e store_lock(cs_call *c)
 {
+    static apr_uint32_t counter;
     unsigned char id[CS_STORE_ID_LEN];
     const char *err = NULL;
     apr_status_t rv;
 
     if (!store_usable())
         return CS_LOCK_NONE;
+    /* this call's lock value, made once and only when a lock is taken (not
+     * on a cache hit): unique across the processes and servers that share
+     * the lock */
+    if (!c->owner[0])
+        apr_snprintf(c->owner, sizeof(c->owner),
+                     "%s/%" APR_PID_T_FMT "/%u/%" APR_TIME_T_FMT, cs_g.host_tag,
+                     getpid(),
+                     __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED),
+                     apr_time_now());
     cs_store_id(c->ref.bytes, CS_ID_LOCK, id);
     rv = cs_g.store->ops->add(cs_g.store, id, sizeof(id),
                               (const unsigned char *)c->owner, strlen(c->owner),
@@ -1840,8 +1850,6 @@ static void store_result(cs_call *c, const cs_entry_t *e)
 static void call_init(cs_call *c, request_rec *r, server_rec *s, apr_pool_t *p,
                       const cs_dir_conf *d, const char *user_id)
 {
-    static apr_uint32_t counter;
-
     memset(c, 0, sizeof(*c));
     c->r = r;
     c->s = s;
@@ -1853,11 +1861,6 @@ static void call_init(cs_call *c, request_rec *r, server_rec *s, apr_pool_t *p,
     c->policy.min_ttl = d->min_ttl;
     c->policy.refresh_pct = d->refresh_pct;
     cache_ref(d->key, c->endpoint, user_id, &c->ref);
-    /* unique across the processes and servers that share a lock */
-    apr_snprintf(c->owner, sizeof(c->owner),
-                 "%s/%" APR_PID_T_FMT "/%u/%" APR_TIME_T_FMT, cs_g.host_tag,
-                 getpid(), __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED),
-                 apr_time_now());
 }
 
 /* Whether the breaker lets this call through; when not, the reply. */
