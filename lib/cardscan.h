@@ -338,6 +338,27 @@ typedef enum {
     CS_REFRESH_COUNT
 } cs_refresh_e;
 
+/* The back-off of a failing token store, shared by every child: a store
+ * that failed is left alone until `until` (apr_time_t), the pause doubling
+ * from CS_BACKOFF_MIN to CS_BACKOFF_MAX with each failure after a pause
+ * (lib/cs_policy.c). A lost update between two processes only changes when
+ * the next attempt happens. */
+typedef struct cs_backoff {
+    apr_int64_t until;
+    apr_int64_t pause;
+} cs_backoff_t;
+
+#define CS_BACKOFF_MIN apr_time_from_sec(2)
+#define CS_BACKOFF_MAX apr_time_from_sec(60)
+
+/* After a failure: starts or doubles the pause unless one is running;
+ * returns the pause. */
+apr_interval_time_t cs_backoff_failed(cs_backoff_t *b, apr_time_t now);
+/* After a success: the next failure starts again from CS_BACKOFF_MIN. */
+void cs_backoff_ok(cs_backoff_t *b);
+/* Whether the store may be asked at `now`. */
+int cs_backoff_usable(const cs_backoff_t *b, apr_time_t now);
+
 /* Counters shared by all children; updated with atomic adds. */
 typedef struct cs_metrics {
     apr_uint64_t requests[CS_OUT_COUNT];
@@ -348,10 +369,8 @@ typedef struct cs_metrics {
     apr_uint64_t singleflight_waits;
     apr_uint64_t refreshes[CS_REFRESH_COUNT];
     apr_uint64_t store_errors; /* store operations that failed or timed out */
-    /* the shared store's back-off, for every child: a store that failed is
-     * left alone until then (apr_time_t), the pause doubling each time */
-    apr_int64_t store_pause_until;
-    apr_int64_t store_pause;
+    /* the shared store's back-off, for every child (cs_backoff_failed) */
+    cs_backoff_t store_backoff;
     /* 1 + the configuration generation whose refused store credentials
      * were logged: named once per generation across the processes */
     apr_uint32_t store_auth_logged;
@@ -412,16 +431,14 @@ typedef enum {
                             caller, when the lock can be had) */
     CS_DO_SERVE,         /* serve the token */
     CS_DO_SERVE_REFRESH, /* serve the token; refresh it in the background */
-    CS_DO_FAIL,          /* answer the user's recent failure */
-    CS_DO_WAIT           /* another request is calling for this user: wait
-                            for its result */
+    CS_DO_FAIL           /* answer the user's recent failure */
 } cs_action_e;
 
 /* tok: the user's token entry or NULL; fail: the user's failure entry or
- * NULL; in_flight: another request holds the user's call lock. */
+ * NULL. Whether another request is calling for the user is not an entry:
+ * the store's lock tells (the shell waits on it). */
 cs_action_e cs_serve_decide(const cs_entry_t *tok, const cs_entry_t *fail,
-                            int in_flight, apr_time_t now,
-                            const cs_policy_t *pol);
+                            apr_time_t now, const cs_policy_t *pol);
 
 /* When the refresh window of a token starts (0: never). */
 apr_time_t cs_serve_refresh_at(const cs_entry_t *tok, const cs_policy_t *pol);
@@ -439,5 +456,108 @@ typedef enum {
 } cs_id_kind_e;
 void cs_store_id(const unsigned char key[CS_CACHE_KEY_LEN], cs_id_kind_e kind,
                  unsigned char out[CS_STORE_ID_LEN]);
+
+/* --------------------------------------------------------- call policy */
+
+/* What an API reply means for the client (lib/cs_policy.c). */
+typedef enum {
+    CS_VERDICT_TOKEN = 0,    /* a valid token: v->token */
+    CS_VERDICT_INVALID,      /* a 200 without a valid token: v->detail */
+    CS_VERDICT_KEY_REJECTED, /* 401/403: the API key is wrong */
+    CS_VERDICT_RATE_LIMITED, /* 429 */
+    CS_VERDICT_HTTP_ERROR,   /* any other status (5xx, 3xx: no redirects) */
+    CS_VERDICT_TIMEOUT,      /* no answer in time */
+    CS_VERDICT_UNREACHABLE   /* connect, TLS, oversized or other failure */
+} cs_verdict_e;
+
+typedef struct cs_verdict {
+    cs_verdict_e kind;
+    int status;          /* for the client: 200, 502, 503 or 504 */
+    const char *code;    /* the error code (NULL for a token) */
+    const char *message; /* for a person */
+    int retry_after;     /* seconds the API asked us to wait (429), else 0 */
+    const char *detail;  /* CS_VERDICT_INVALID: why, for the log */
+    cs_token_t token;    /* CS_VERDICT_TOKEN */
+} cs_verdict_t;
+
+/* Classifies an exchange received at `now` (parsing the token of a 200). */
+void cs_classify(apr_pool_t *p, const cs_upstream_resp_t *resp, apr_time_t now,
+                 cs_verdict_t *v);
+
+/* The failure entry of a verdict other than a token: the user's negative
+ * cache, kept CS_NEGATIVE_TTL or as long as the API asked us to wait. */
+void cs_entry_failure(apr_pool_t *p, const cs_verdict_t *v, apr_time_t now,
+                      cs_entry_t *e);
+
+/* a retry needs at least this much of the deadline left */
+#define CS_RETRY_MIN_LEFT apr_time_from_msec(100)
+
+/* Whether to try once more after the exchange `attempt` (0: the first):
+ * once, after a connect failure or a 502/503/504, while `left` of the
+ * deadline allows and the breaker is not open. */
+int cs_call_retry(const cs_upstream_resp_t *resp, int attempt,
+                  apr_interval_time_t left, int breaker_open);
+
+/* ---------------------------------------------------------- directives */
+
+/* The value checks of directives (lib/cs_conf.c): each sets its output or
+ * *err, a message naming the directive. */
+#define CS_CONNECT_TIMEOUT_DEFAULT apr_time_from_sec(2)
+
+/* A number of seconds in (0, max]. */
+apr_status_t cs_conf_seconds(apr_pool_t *p, const char *name, const char *arg,
+                             double max, apr_interval_time_t *out,
+                             const char **err);
+/* CardScanTimeout total [connect]: connect defaults to the lesser of the
+ * total and CS_CONNECT_TIMEOUT_DEFAULT; both at least 1 ms. */
+apr_status_t cs_conf_timeout(apr_pool_t *p, const char *total,
+                             const char *connect, apr_interval_time_t *timeout,
+                             apr_interval_time_t *connect_timeout,
+                             const char **err);
+/* CardScanCacheMinTTL: whole seconds, 0 to 86400. */
+apr_status_t cs_conf_min_ttl(apr_pool_t *p, const char *arg,
+                             apr_interval_time_t *out, const char **err);
+/* CardScanRefreshAhead on|off|N%: a percentage, 0 (off) or 1 to 50. */
+apr_status_t cs_conf_refresh(apr_pool_t *p, const char *arg, int *pct,
+                             const char **err);
+/* CardScanCircuitBreaker failures [seconds]. */
+apr_status_t cs_conf_breaker(apr_pool_t *p, const char *failures,
+                             const char *period, apr_uint32_t *n,
+                             apr_interval_time_t *out_period, const char **err);
+/* CardScanBackendUser: a header name (RFC 9110 token) of its own, not a
+ * standard header the module would strip. */
+apr_status_t cs_conf_backend_header(apr_pool_t *p, const char *arg,
+                                    const char **err);
+/* Header names as CGI sees them: X-CardScan-User and X_CardScan_User are
+ * one variable there (HTTP_X_CARDSCAN_USER). */
+int cs_header_same(const char *a, const char *b);
+/* CardScanProxy URL|none [file:/path]: *proxy NULL for none; the
+ * credentials file holds user:password (read through cs_secret_load). */
+apr_status_t cs_conf_proxy(apr_pool_t *p, const char *url, const char *auth,
+                           const char **proxy, const char **proxy_auth,
+                           const char **warning, const char **err);
+/* CardScanCacheSecret file:/path: at least 16 bytes, turned into the key
+ * that seals cache entries. */
+apr_status_t cs_conf_cache_secret(apr_pool_t *p, const char *spec,
+                                  unsigned char seal_key[CS_SECRET_LEN],
+                                  const char **warning, const char **err);
+
+/* --------------------------------------------------------------- queue */
+
+/* A work queue served by `nthreads` threads (lib/cs_queue.c): the refresh
+ * jobs of a child. Stopped (threads woken and joined, queued jobs handed to
+ * `drop`) by cs_queue_stop or, at the latest, before anything else of the
+ * pool it was started with is cleaned up. */
+typedef struct cs_queue cs_queue_t;
+typedef void (*cs_queue_fn)(void *job);
+
+apr_status_t cs_queue_start(apr_pool_t *p, int nthreads, unsigned int capacity,
+                            cs_queue_fn run, cs_queue_fn drop, cs_queue_t **q);
+/* 1 when queued; 0 when the queue is full or stopping */
+int cs_queue_push(cs_queue_t *q, void *job);
+/* Idempotent; waits for the jobs that are running. */
+void cs_queue_stop(cs_queue_t *q);
+/* the threads that were started */
+int cs_queue_threads(const cs_queue_t *q);
 
 #endif /* CARDSCAN_H */

@@ -37,8 +37,7 @@ static int failure_active(const cs_entry_t *fail, apr_time_t now)
 }
 
 cs_action_e cs_serve_decide(const cs_entry_t *tok, const cs_entry_t *fail,
-                            int in_flight, apr_time_t now,
-                            const cs_policy_t *pol)
+                            apr_time_t now, const cs_policy_t *pol)
 {
     if (tok && cs_entry_fresh(tok, now, pol->min_ttl)) {
         apr_time_t at = cs_serve_refresh_at(tok, pol);
@@ -46,7 +45,7 @@ cs_action_e cs_serve_decide(const cs_entry_t *tok, const cs_entry_t *fail,
     }
     if (failure_active(fail, now))
         return CS_DO_FAIL;
-    return in_flight ? CS_DO_WAIT : CS_DO_CALL;
+    return CS_DO_CALL;
 }
 
 int cs_serve_retry_after(const cs_entry_t *fail, apr_time_t now)

@@ -12,7 +12,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Apache, Mock, USERS, apache_conf, free_port  # noqa: E402
-from test_demo_browser import CHROMIUM, dump_dom, parse  # noqa: E402
+from browser import CHROMIUM, dump_dom, parse  # noqa: E402
 
 # A single-page app on its own origin: fetches the endpoint given in the
 # query with the user's credentials, shows the outcome in #result.

@@ -17,6 +17,9 @@ Suite *store_suite(void);
 Suite *secret_suite(void);
 Suite *serve_suite(void);
 Suite *origin_suite(void);
+Suite *conf_suite(void);
+Suite *policy_suite(void);
+Suite *queue_suite(void);
 
 /* a fresh pool per test, destroyed by the fixture */
 extern apr_pool_t *tp;

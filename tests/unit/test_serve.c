@@ -41,22 +41,20 @@ START_TEST(token_life_boundaries)
 {
     cs_entry_t t = token(3600);
     ck_assert_int_eq(cs_serve_refresh_at(&t, &hour), T0 + SEC(2655));
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0, &hour), CS_DO_SERVE);
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0 + SEC(2655) - 1, &hour),
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0, &hour), CS_DO_SERVE);
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + SEC(2655) - 1, &hour),
                      CS_DO_SERVE);
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0 + SEC(2655), &hour),
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + SEC(2655), &hour),
                      CS_DO_SERVE_REFRESH);
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0 + SEC(3540), &hour),
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + SEC(3540), &hour),
                      CS_DO_SERVE_REFRESH);
     /* the min-TTL edge: one microsecond later, no longer served */
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0 + SEC(3540) + 1, &hour),
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + SEC(3540) + 1, &hour),
                      CS_DO_CALL);
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 1, T0 + SEC(3540) + 1, &hour),
-                     CS_DO_WAIT);
     /* at and past exp */
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0 + SEC(3600), &hour),
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + SEC(3600), &hour),
                      CS_DO_CALL);
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0 + SEC(9000), &hour),
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + SEC(9000), &hour),
                      CS_DO_CALL);
 }
 END_TEST
@@ -67,13 +65,13 @@ START_TEST(short_token_caps_min_ttl)
 {
     cs_entry_t t = token(16);
     ck_assert_int_eq(cs_serve_refresh_at(&t, &hour), T0 + SEC(6));
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0 + MS(5999), &hour),
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + MS(5999), &hour),
                      CS_DO_SERVE);
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0 + SEC(6), &hour),
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + SEC(6), &hour),
                      CS_DO_SERVE_REFRESH);
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0 + SEC(8), &hour),
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + SEC(8), &hour),
                      CS_DO_SERVE_REFRESH);
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0 + SEC(8) + 1, &hour),
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + SEC(8) + 1, &hour),
                      CS_DO_CALL);
 }
 END_TEST
@@ -83,15 +81,14 @@ START_TEST(refresh_off_and_min_ttl_zero)
     cs_policy_t off = {SEC(60), 0}, zero = {0, 25};
     cs_entry_t t = token(100);
     ck_assert_int_eq(cs_serve_refresh_at(&t, &off), 0);
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0 + SEC(50), &off),
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + SEC(50), &off),
                      CS_DO_SERVE);
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0 + SEC(51), &off),
-                     CS_DO_CALL);
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + SEC(51), &off), CS_DO_CALL);
     /* CardScanCacheMinTTL 0: served to the last moment before exp */
     ck_assert_int_eq(cs_serve_refresh_at(&t, &zero), T0 + SEC(75));
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0 + SEC(100) - 1, &zero),
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + SEC(100) - 1, &zero),
                      CS_DO_SERVE_REFRESH);
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0 + SEC(100), &zero),
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + SEC(100), &zero),
                      CS_DO_CALL);
     /* a tiny window still starts inside the serving time */
     cs_policy_t one = {SEC(60), 1};
@@ -104,21 +101,17 @@ END_TEST
 START_TEST(failures_are_per_user_and_short)
 {
     cs_entry_t f = failure(T0, CS_NEGATIVE_TTL), t = token(3600);
-    ck_assert_int_eq(cs_serve_decide(NULL, &f, 0, T0, &hour), CS_DO_FAIL);
-    ck_assert_int_eq(cs_serve_decide(NULL, &f, 1, T0 + SEC(4), &hour),
-                     CS_DO_FAIL);
-    ck_assert_int_eq(cs_serve_decide(NULL, &f, 0, T0 + CS_NEGATIVE_TTL, &hour),
+    ck_assert_int_eq(cs_serve_decide(NULL, &f, T0, &hour), CS_DO_FAIL);
+    ck_assert_int_eq(cs_serve_decide(NULL, &f, T0 + SEC(4), &hour), CS_DO_FAIL);
+    ck_assert_int_eq(cs_serve_decide(NULL, &f, T0 + CS_NEGATIVE_TTL, &hour),
                      CS_DO_CALL);
-    ck_assert_int_eq(cs_serve_decide(NULL, &f, 1, T0 + CS_NEGATIVE_TTL, &hour),
-                     CS_DO_WAIT);
     /* a fresh token wins over a failure stored later */
-    ck_assert_int_eq(cs_serve_decide(&t, &f, 0, T0 + SEC(1), &hour),
-                     CS_DO_SERVE);
+    ck_assert_int_eq(cs_serve_decide(&t, &f, T0 + SEC(1), &hour), CS_DO_SERVE);
     /* a token past its serving time and an old failure: call */
-    ck_assert_int_eq(cs_serve_decide(&t, &f, 0, T0 + SEC(3590), &hour),
+    ck_assert_int_eq(cs_serve_decide(&t, &f, T0 + SEC(3590), &hour),
                      CS_DO_CALL);
     f = failure(T0 + SEC(3590), CS_NEGATIVE_TTL);
-    ck_assert_int_eq(cs_serve_decide(&t, &f, 0, T0 + SEC(3591), &hour),
+    ck_assert_int_eq(cs_serve_decide(&t, &f, T0 + SEC(3591), &hour),
                      CS_DO_FAIL);
     /* Retry-After: whole seconds left, at least 1 */
     f = failure(T0, CS_NEGATIVE_TTL);
@@ -127,10 +120,8 @@ START_TEST(failures_are_per_user_and_short)
     ck_assert_int_eq(cs_serve_retry_after(&f, T0 + SEC(9)), 1);
     /* an entry of another kind is neither a token nor a failure */
     t.kind = CS_ENTRY_FAILURE;
-    ck_assert_int_eq(cs_serve_decide(NULL, &t, 0, T0 + SEC(1), &hour),
-                     CS_DO_FAIL);
-    ck_assert_int_eq(cs_serve_decide(&t, NULL, 0, T0 + SEC(1), &hour),
-                     CS_DO_CALL);
+    ck_assert_int_eq(cs_serve_decide(NULL, &t, T0 + SEC(1), &hour), CS_DO_FAIL);
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + SEC(1), &hour), CS_DO_CALL);
 }
 END_TEST
 
