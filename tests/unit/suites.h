@@ -17,6 +17,7 @@ Suite *store_suite(void);
 Suite *secret_suite(void);
 Suite *serve_suite(void);
 Suite *origin_suite(void);
+Suite *metrics_suite(void);
 
 /* a fresh pool per test, destroyed by the fixture */
 extern apr_pool_t *tp;
