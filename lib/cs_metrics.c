@@ -95,6 +95,21 @@ void cs_metrics_upstream(cs_metrics_t *m, cs_up_result_e result, int status,
     ADD(m->latency_sum_usec, (apr_uint64_t)(elapsed > 0 ? elapsed : 0));
 }
 
+/* One labelled counter: its HELP and TYPE lines, then a line per label
+ * value. */
+static void render_labelled(apr_pool_t *p, apr_array_header_t *out,
+                            const char *name, const char *help,
+                            const char *label, const char *const *values,
+                            const apr_uint64_t *counts, int n)
+{
+    APR_ARRAY_PUSH(out, char *) =
+        apr_psprintf(p, "# HELP %s %s\n# TYPE %s counter\n", name, help, name);
+    for (int i = 0; i < n; i++)
+        APR_ARRAY_PUSH(out, char *) =
+            apr_psprintf(p, "%s{%s=\"%s\"} %" APR_UINT64_T_FMT "\n", name,
+                         label, values[i], GET(counts[i]));
+}
+
 char *cs_metrics_render(apr_pool_t *p, const cs_metrics_t *cm, apr_time_t now)
 {
     cs_metrics_t *m = (cs_metrics_t *)cm; /* atomics want non-const */
@@ -102,11 +117,9 @@ char *cs_metrics_render(apr_pool_t *p, const cs_metrics_t *cm, apr_time_t now)
     apr_uint64_t cum = 0, open = 0, opened = 0;
 
 #define LINE(...) (APR_ARRAY_PUSH(out, char *) = apr_psprintf(p, __VA_ARGS__))
-    LINE("# HELP cardscan_requests_total Requests to cardscan-session by "
-         "outcome.\n# TYPE cardscan_requests_total counter\n");
-    for (int i = 0; i < CS_OUT_COUNT; i++)
-        LINE("cardscan_requests_total{outcome=\"%s\"} %" APR_UINT64_T_FMT "\n",
-             outcome_names[i], GET(m->requests[i]));
+    render_labelled(p, out, "cardscan_requests_total",
+                    "Requests to cardscan-session by outcome.", "outcome",
+                    outcome_names, m->requests, CS_OUT_COUNT);
     LINE("# HELP cardscan_cache_hits_total Token cache hits.\n"
          "# TYPE cardscan_cache_hits_total counter\n"
          "cardscan_cache_hits_total %" APR_UINT64_T_FMT "\n",
@@ -115,12 +128,9 @@ char *cs_metrics_render(apr_pool_t *p, const cs_metrics_t *cm, apr_time_t now)
          "# TYPE cardscan_cache_misses_total counter\n"
          "cardscan_cache_misses_total %" APR_UINT64_T_FMT "\n",
          GET(m->cache_misses));
-    LINE("# HELP cardscan_upstream_requests_total Calls to the CardScan API "
-         "by result.\n# TYPE cardscan_upstream_requests_total counter\n");
-    for (int i = 0; i < CS_CLASS_COUNT; i++)
-        LINE("cardscan_upstream_requests_total{class=\"%s\"} %" APR_UINT64_T_FMT
-             "\n",
-             class_names[i], GET(m->upstream[i]));
+    render_labelled(p, out, "cardscan_upstream_requests_total",
+                    "Calls to the CardScan API by result.", "class",
+                    class_names, m->upstream, CS_CLASS_COUNT);
     LINE("# HELP cardscan_upstream_duration_seconds Duration of calls to the "
          "CardScan API.\n# TYPE cardscan_upstream_duration_seconds "
          "histogram\n");
@@ -142,11 +152,9 @@ char *cs_metrics_render(apr_pool_t *p, const cs_metrics_t *cm, apr_time_t now)
          "# TYPE cardscan_singleflight_waits_total counter\n"
          "cardscan_singleflight_waits_total %" APR_UINT64_T_FMT "\n",
          GET(m->singleflight_waits));
-    LINE("# HELP cardscan_refreshes_total Refreshes of a token ahead of its "
-         "expiry, by result.\n# TYPE cardscan_refreshes_total counter\n");
-    for (int i = 0; i < CS_REFRESH_COUNT; i++)
-        LINE("cardscan_refreshes_total{result=\"%s\"} %" APR_UINT64_T_FMT "\n",
-             refresh_names[i], GET(m->refreshes[i]));
+    render_labelled(p, out, "cardscan_refreshes_total",
+                    "Refreshes of a token ahead of its expiry, by result.",
+                    "result", refresh_names, m->refreshes, CS_REFRESH_COUNT);
     LINE("# HELP cardscan_cache_errors_total Token cache operations that "
          "failed or passed their deadline.\n"
          "# TYPE cardscan_cache_errors_total counter\n"
