@@ -87,6 +87,9 @@ void cs_metrics_upstream(cs_metrics_t *m, cs_up_result_e result, int status,
         c = CS_CLASS_OTHER;
     }
     ADD(m->upstream[c], 1);
+    if (c == CS_CLASS_2XX)
+        __atomic_store_n(&m->upstream_last_success, apr_time_now(),
+                         __ATOMIC_RELAXED);
     for (b = 0; b < CS_LATENCY_BUCKETS && secs > cs_latency_bounds[b]; b++)
         ;
     if (b < CS_LATENCY_BUCKETS)
@@ -108,6 +111,12 @@ static void render_labelled(apr_pool_t *p, apr_array_header_t *out,
         APR_ARRAY_PUSH(out, char *) =
             apr_psprintf(p, "%s{%s=\"%s\"} %" APR_UINT64_T_FMT "\n", name,
                          label, values[i], GET(counts[i]));
+}
+
+void cs_metrics_identity_change(cs_metrics_t *m)
+{
+    if (m)
+        ADD(m->identity_changes, 1);
 }
 
 char *cs_metrics_render(apr_pool_t *p, const cs_metrics_t *cm, apr_time_t now)
@@ -175,6 +184,22 @@ char *cs_metrics_render(apr_pool_t *p, const cs_metrics_t *cm, apr_time_t now)
          "opened.\n# TYPE cardscan_circuit_opened_total counter\n"
          "cardscan_circuit_opened_total %" APR_UINT64_T_FMT "\n",
          opened);
+    LINE("# HELP cardscan_cache_paused Whether the token cache is left alone "
+         "after a failure (1) or in use (0).\n"
+         "# TYPE cardscan_cache_paused gauge\n"
+         "cardscan_cache_paused %d\n",
+         now < GET(m->store_pause_until) ? 1 : 0);
+    LINE("# HELP cardscan_upstream_last_success_timestamp_seconds When the "
+         "CardScan API last answered in 2xx (0: not since the start).\n"
+         "# TYPE cardscan_upstream_last_success_timestamp_seconds gauge\n"
+         "cardscan_upstream_last_success_timestamp_seconds %" APR_INT64_T_FMT
+         "\n",
+         (apr_int64_t)apr_time_sec(GET(m->upstream_last_success)));
+    LINE("# HELP cardscan_identity_changes_total New tokens whose IdentityId "
+         "differed from the one pinned for the user.\n"
+         "# TYPE cardscan_identity_changes_total counter\n"
+         "cardscan_identity_changes_total %" APR_UINT64_T_FMT "\n",
+         GET(m->identity_changes));
 #undef LINE
     return apr_array_pstrcat(p, out, 0);
 }

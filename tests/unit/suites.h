@@ -18,6 +18,7 @@ Suite *secret_suite(void);
 Suite *serve_suite(void);
 Suite *origin_suite(void);
 Suite *metrics_suite(void);
+Suite *identity_suite(void);
 
 /* a fresh pool per test, destroyed by the fixture */
 extern apr_pool_t *tp;

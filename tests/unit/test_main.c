@@ -81,6 +81,7 @@ int main(void)
     srunner_add_suite(sr, serve_suite());
     srunner_add_suite(sr, origin_suite());
     srunner_add_suite(sr, metrics_suite());
+    srunner_add_suite(sr, identity_suite());
     srunner_run_all(sr, CK_NORMAL);
     failed = srunner_ntests_failed(sr);
     srunner_free(sr);

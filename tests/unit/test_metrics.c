@@ -33,6 +33,9 @@ static void fill(cs_metrics_t *m)
     m->breakers[0].opened_total = 3;
     m->breakers[1].endpoint_hash = 2;
     m->breakers[1].opened_total = 4;
+    m->store_pause_until = T0 + SEC(2);
+    m->upstream_last_success = T0 - SEC(30) + 123456;
+    m->identity_changes = 700;
 }
 
 /* the rendering of fill() at T0, as the module has always printed it */
@@ -99,7 +102,19 @@ static const char golden[] =
     "cardscan_circuit_open 1\n"
     "# HELP cardscan_circuit_opened_total Times a circuit breaker opened.\n"
     "# TYPE cardscan_circuit_opened_total counter\n"
-    "cardscan_circuit_opened_total 7\n";
+    "cardscan_circuit_opened_total 7\n"
+    "# HELP cardscan_cache_paused Whether the token cache is left alone after "
+    "a failure (1) or in use (0).\n"
+    "# TYPE cardscan_cache_paused gauge\n"
+    "cardscan_cache_paused 1\n"
+    "# HELP cardscan_upstream_last_success_timestamp_seconds When the CardScan "
+    "API last answered in 2xx (0: not since the start).\n"
+    "# TYPE cardscan_upstream_last_success_timestamp_seconds gauge\n"
+    "cardscan_upstream_last_success_timestamp_seconds 1799999970\n"
+    "# HELP cardscan_identity_changes_total New tokens whose IdentityId "
+    "differed from the one pinned for the user.\n"
+    "# TYPE cardscan_identity_changes_total counter\n"
+    "cardscan_identity_changes_total 700\n";
 
 START_TEST(rendering_is_stable)
 {
@@ -112,12 +127,56 @@ START_TEST(rendering_is_stable)
 }
 END_TEST
 
+/* The states alerting rules watch: the cache's back-off ends at its time,
+ * the breaker's at its own. */
+START_TEST(states_follow_the_clock)
+{
+    cs_metrics_t m;
+
+    fill(&m);
+    ck_assert_ptr_nonnull(strstr(cs_metrics_render(tp, &m, T0 + SEC(2) - 1),
+                                 "\ncardscan_cache_paused 1\n"));
+    ck_assert_ptr_nonnull(strstr(cs_metrics_render(tp, &m, T0 + SEC(2)),
+                                 "\ncardscan_cache_paused 0\n"));
+    ck_assert_ptr_nonnull(strstr(cs_metrics_render(tp, &m, T0 + SEC(5)),
+                                 "\ncardscan_circuit_open 0\n"));
+    memset(&m, 0, sizeof(m));
+    ck_assert_ptr_nonnull(
+        strstr(cs_metrics_render(tp, &m, T0),
+               "\ncardscan_upstream_last_success_timestamp_seconds 0\n"));
+}
+END_TEST
+
+/* Only an answer in 2xx is a success; every change of identity counts. */
+START_TEST(last_success_and_identity_changes)
+{
+    cs_metrics_t m;
+    apr_time_t before;
+
+    memset(&m, 0, sizeof(m));
+    cs_metrics_upstream(&m, CS_UP_OK, 503, SEC(1));
+    cs_metrics_upstream(&m, CS_UP_TIMEOUT, 0, SEC(5));
+    cs_metrics_upstream(&m, CS_UP_OK, 401, SEC(1));
+    ck_assert_int_eq(m.upstream_last_success, 0);
+    before = apr_time_now();
+    cs_metrics_upstream(&m, CS_UP_OK, 200, SEC(1));
+    ck_assert_int_ge(m.upstream_last_success, before);
+    ck_assert_int_le(m.upstream_last_success, apr_time_now());
+    cs_metrics_identity_change(&m);
+    cs_metrics_identity_change(&m);
+    cs_metrics_identity_change(NULL);
+    ck_assert_int_eq(m.identity_changes, 2);
+}
+END_TEST
+
 Suite *metrics_suite(void)
 {
     Suite *s = suite_create("metrics");
     TCase *tc = tcase_create("metrics");
     tcase_add_checked_fixture(tc, pool_setup, pool_teardown);
     tcase_add_test(tc, rendering_is_stable);
+    tcase_add_test(tc, states_follow_the_clock);
+    tcase_add_test(tc, last_success_and_identity_changes);
     suite_add_tcase(s, tc);
     return s;
 }
