@@ -24,7 +24,7 @@
 /* The shared counters are found again across graceful restarts by this
  * key; the version and layout are part of it, so that a newer module loaded
  * by a graceful reload makes its own instead of misreading the old. */
-#define CS_SHM_KEY "mod_cardscan metrics " CS_VERSION "/2"
+#define CS_SHM_KEY "mod_cardscan metrics " CS_VERSION "/3"
 
 cs_process cs_proc;
 

@@ -146,6 +146,55 @@ static void log_verdict(const cs_call *c, const cs_verdict_t *v,
     }
 }
 
+/* Compares a new token's IdentityId with the user's pin and carries the
+ * verdict out (lib/cs_identity.c); 0 when the token is refused (e is then
+ * the user's failure). The user and the identities are logged only at
+ * trace4: they are personal data. */
+static int pin_check(cs_call *c, const cs_token_t *tok, apr_time_t now,
+                     cs_entry_t *e)
+{
+    cs_pin_mode_e mode = cs_config_pin_mode(c->d);
+    cs_entry_t pe;
+    cs_pin_t pin, *have = NULL;
+    const char *err = NULL;
+    cs_pin_verdict_e v;
+
+    if (mode != CS_PIN_OFF && cs_store_read(c, CS_ID_PIN, &pe) &&
+        cs_pin_from_entry(&pe, &pin, &err) == APR_SUCCESS)
+        have = &pin;
+    v = cs_pin_decide(have, tok->identity_id, mode, now);
+    if (v != CS_PIN_ACCEPT) {
+        cs_metrics_identity_change(cs_proc.metrics);
+        cs_call_log(
+            c, APLOG_ERR, 0,
+            APLOGNO(10604) "mod_cardscan: %s: a new token carries "
+                           "another IdentityId than the user's "
+                           "pinned one (pinned %" APR_TIME_T_FMT " s ago); %s",
+            c->endpoint, apr_time_sec(now - pin.pinned),
+            v == CS_PIN_REFUSE ? "refused (CardScanIdentityPinning enforce)"
+                               : "served (CardScanIdentityPinning alarm)");
+        cs_call_log(c, APLOG_TRACE4, 0,
+                    APLOGNO(10605) "mod_cardscan: the identity of user %s "
+                                   "changed from %s to %s",
+                    c->user_id, pin.identity_id, tok->identity_id);
+    }
+    if (v == CS_PIN_REFUSE) {
+        /* the pin stays as it was: it runs out by itself */
+        cs_verdict_t refusal = {0};
+        refusal.status = HTTP_BAD_GATEWAY;
+        refusal.code = CS_ERR_IDENTITY_MISMATCH;
+        refusal.message = "";
+        cs_entry_failure(c->p, &refusal, now, e);
+        e->body = cs_reply_identity_mismatch(c->p);
+        e->body_len = strlen(e->body);
+        return 0;
+    }
+    cs_pin_make(&pin, tok->identity_id, now, cs_config_pin_ttl(c->d));
+    cs_pin_to_entry(&pin, &pe);
+    cs_store_write(c, CS_ID_PIN, &pe, pin.expires);
+    return 1;
+}
+
 void cs_call_fetch(cs_call *c, cs_entry_t *e)
 {
     const cs_srv_conf *sc = c->sc;
@@ -177,6 +226,8 @@ void cs_call_fetch(cs_call *c, cs_entry_t *e)
         cs_entry_failure(c->p, &v, now, e);
         return;
     }
+    if (!pin_check(c, &v.token, now, e))
+        return;
     memset(e, 0, sizeof(*e));
     e->kind = CS_ENTRY_TOKEN;
     e->created = now;

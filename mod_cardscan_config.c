@@ -45,6 +45,8 @@ void *cs_config_create_dir(apr_pool_t *p, char *dir)
     (void)dir;
     d->min_ttl = CS_UNSET;
     d->refresh_pct = CS_UNSET;
+    d->pin_mode = CS_UNSET;
+    d->pin_ttl = CS_UNSET;
     return d;
 }
 
@@ -60,6 +62,8 @@ void *cs_config_merge_dir(apr_pool_t *p, void *basev, void *addv)
     CS_MERGE(refresh_pct);
     CS_MERGE_PTR(origins);
     CS_MERGE_PTR(backend_header);
+    CS_MERGE(pin_mode);
+    CS_MERGE(pin_ttl);
     return d;
 }
 
@@ -122,6 +126,17 @@ apr_interval_time_t cs_config_connect_timeout(const cs_srv_conf *sc)
 const char *cs_config_proxy(const cs_srv_conf *sc)
 {
     return sc->proxy == cs_no_proxy ? NULL : sc->proxy;
+}
+
+cs_pin_mode_e cs_config_pin_mode(const cs_dir_conf *d)
+{
+    return d->pin_mode != CS_UNSET ? (cs_pin_mode_e)d->pin_mode
+                                   : CS_PIN_MODE_DEFAULT;
+}
+
+apr_interval_time_t cs_config_pin_ttl(const cs_dir_conf *d)
+{
+    return d->pin_ttl != CS_UNSET ? d->pin_ttl : CS_PIN_TTL_DEFAULT;
 }
 
 const char *cs_config_endpoint(const cs_dir_conf *d)
@@ -342,6 +357,28 @@ static const char *set_backend_user(cmd_parms *cmd, void *mconfig,
     return NULL;
 }
 
+static const char *set_pinning(cmd_parms *cmd, void *mconfig, const char *arg)
+{
+    cs_dir_conf *d = mconfig;
+    cs_pin_mode_e mode;
+    const char *err = NULL;
+
+    if (cs_pin_mode_parse(cmd->pool, arg, &mode, &err) != APR_SUCCESS)
+        return apr_pstrcat(cmd->pool, "CardScanIdentityPinning: ", err, NULL);
+    d->pin_mode = (int)mode;
+    return NULL;
+}
+
+static const char *set_pin_ttl(cmd_parms *cmd, void *mconfig, const char *arg)
+{
+    cs_dir_conf *d = mconfig;
+    const char *err = NULL;
+
+    if (cs_pin_ttl_parse(cmd->pool, arg, &d->pin_ttl, &err) != APR_SUCCESS)
+        return apr_pstrcat(cmd->pool, "CardScanIdentityPinTTL: ", err, NULL);
+    return NULL;
+}
+
 const command_rec cs_config_cmds[] = {
     AP_INIT_TAKE1("CardScanAPIKey", set_api_key, NULL, RSRC_CONF | ACCESS_CONF,
                   "the CardScan API key: the key itself, file:/path or "
@@ -389,6 +426,13 @@ const command_rec cs_config_cmds[] = {
     AP_INIT_TAKE1("CardScanBackendUser", set_backend_user, NULL, ACCESS_CONF,
                   "a response header in which the backend names the user: "
                   "the response is replaced by that user's token reply"),
+    AP_INIT_TAKE1("CardScanIdentityPinning", set_pinning, NULL,
+                  RSRC_CONF | ACCESS_CONF,
+                  "alarm|enforce|off: what a user's new token with another "
+                  "IdentityId than before does (default alarm)"),
+    AP_INIT_TAKE1("CardScanIdentityPinTTL", set_pin_ttl, NULL,
+                  RSRC_CONF | ACCESS_CONF,
+                  "seconds a user's IdentityId is remembered (default 86400)"),
     {NULL}};
 
 /* ------------------------------------------------------- start-up checks */

@@ -58,6 +58,8 @@ typedef struct {
     int refresh_pct;             /* CardScanRefreshAhead: 0 off */
     apr_array_header_t *origins; /* CardScanAllowOrigin, normalised */
     const char *backend_header;  /* CardScanBackendUser */
+    int pin_mode;                /* CardScanIdentityPinning (cs_pin_mode_e) */
+    apr_interval_time_t pin_ttl; /* CardScanIdentityPinTTL */
 } cs_dir_conf;
 
 /* Per-server settings of the upstream exchange. */
@@ -102,6 +104,8 @@ int cs_config_refresh_pct(const cs_dir_conf *d);
 apr_interval_time_t cs_config_timeout(const cs_srv_conf *sc);
 apr_interval_time_t cs_config_connect_timeout(const cs_srv_conf *sc);
 const char *cs_config_proxy(const cs_srv_conf *sc); /* NULL: none */
+cs_pin_mode_e cs_config_pin_mode(const cs_dir_conf *d);
+apr_interval_time_t cs_config_pin_ttl(const cs_dir_conf *d);
 /* refuses a live key against the sandbox (or the reverse) in any server
  * or section: !OK with the reason logged */
 int cs_config_check(apr_pool_t *ptemp, server_rec *main_s);

@@ -23,7 +23,7 @@
 /* the entries carried over a graceful restart, found again by this key:
  * the version and layout are part of it, so that a newer module loaded by a
  * graceful reload does not misread the old one's */
-#define CS_CARRY_KEY "mod_cardscan carried entries " CS_VERSION "/2"
+#define CS_CARRY_KEY "mod_cardscan carried entries " CS_VERSION "/3"
 
 /* A value is stored behind a small header holding its expiry, so that the
  * entries can be carried over a graceful restart (iterate gives no
@@ -257,10 +257,10 @@ static const char **shard_cache_args(apr_pool_t *p, const char *name,
  * runs first, LIFO, while the provider and its locks still exist) every
  * valid token is copied into the process pool, and the new configuration's
  * post_config stores them again with their own expiry. Locks and failures
- * are not carried. Ids are keyed hashes of the API key and endpoint and
- * entries are sealed, so an entry that a changed configuration would not
- * have stored is never found (new key or endpoint) or never opens (new
- * CardScanCacheSecret). */
+ * are not carried, identity pins are. Ids are keyed hashes of the API key and
+ * endpoint and entries are sealed, so an entry that a changed configuration
+ * would not have stored is never found (new key or endpoint) or never opens
+ * (new CardScanCacheSecret). */
 typedef struct {
     apr_pool_t *pool;
     apr_array_header_t *items; /* cs_carried */
@@ -282,7 +282,10 @@ static apr_status_t carry_one(ap_socache_instance_t *inst, server_rec *s,
     cs_carried *it;
     (void)inst, (void)s, (void)pool;
 
-    if (idlen != CS_STORE_ID_LEN || id[CS_CACHE_KEY_LEN] != CS_ID_TOKEN ||
+    /* tokens and identity pins; locks and failures are short-lived */
+    if (idlen != CS_STORE_ID_LEN ||
+        (id[CS_CACHE_KEY_LEN] != CS_ID_TOKEN &&
+         id[CS_CACHE_KEY_LEN] != CS_ID_PIN) ||
         datalen <= SC_HEADER || data[0] != SC_VERSION ||
         sc_expiry(data) <= apr_time_now() + apr_time_from_sec(1))
         return APR_SUCCESS;
@@ -347,8 +350,9 @@ static void carry_in(server_rec *s, apr_pool_t *ptemp)
         shard_unlock(shard);
     }
     ap_log_error(APLOG_MARK, APLOG_INFO, 0, s,
-                 APLOGNO(10533) "mod_cardscan: %d of %d cached tokens carried "
-                                "over the restart",
+                 APLOGNO(10533) "mod_cardscan: %d of %d cached entries (tokens "
+                                "and identity pins) carried over the "
+                                "restart",
                  stored, carry->items->nelts);
     apr_pool_destroy(carry->pool);
 }

@@ -115,9 +115,9 @@ static void mode_round_trip(apr_pool_t *p, const uint8_t *d, size_t n)
 
     memset(&e, 0, sizeof(e));
     kind_byte = take(&d, &n, 1);
-    /* mostly the two real kinds, sometimes anything */
-    e.kind = (cs_entry_kind_e)(kind_byte < 240 ? 1 + (kind_byte & 1)
-                                               : (kind_byte - 240) * 3);
+    /* mostly the three real kinds, sometimes anything (0, 4, 8, ...) */
+    e.kind = (cs_entry_kind_e)(kind_byte < 240 ? 1 + kind_byte % 3
+                                               : (kind_byte - 240) * 4);
     e.created = (apr_time_t)take(&d, &n, 8);
     e.expires = (apr_time_t)take(&d, &n, 8);
     e.lifetime = (apr_interval_time_t)take(&d, &n, 8);
@@ -126,7 +126,8 @@ static void mode_round_trip(apr_pool_t *p, const uint8_t *d, size_t n)
     where = take(&d, &n, 4);
     e.body = n ? apr_pmemdup(p, d, n) : apr_palloc(p, 1);
     e.body_len = n;
-    kind_ok = e.kind == CS_ENTRY_TOKEN || e.kind == CS_ENTRY_FAILURE;
+    kind_ok = e.kind == CS_ENTRY_TOKEN || e.kind == CS_ENTRY_FAILURE ||
+              e.kind == CS_ENTRY_PIN;
 
     rv = cs_entry_seal(p, fuzz_key, fuzz_id, &e, &sealed, &sealed_len, &err);
     FUZZ_CHECK(rv == APR_SUCCESS, "sealing failed: %s", err ? err : "?");
@@ -214,7 +215,8 @@ static void mode_authentic(apr_pool_t *p, const uint8_t *d, size_t n)
     /* It authenticated: lib/ may accept only a well-formed plaintext. */
     FUZZ_CHECK(n >= SEAL_HEADER && memcmp(d, "CSE1", 4) == 0,
                "an entry without the magic opened");
-    FUZZ_CHECK(e.kind == CS_ENTRY_TOKEN || e.kind == CS_ENTRY_FAILURE,
+    FUZZ_CHECK(e.kind == CS_ENTRY_TOKEN || e.kind == CS_ENTRY_FAILURE ||
+                   e.kind == CS_ENTRY_PIN,
                "an entry of kind %d opened", (int)e.kind);
     FUZZ_CHECK(e.body != NULL && e.body_len == n - SEAL_HEADER &&
                    memcmp(e.body, d + SEAL_HEADER, e.body_len) == 0 &&

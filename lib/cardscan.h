@@ -142,6 +142,12 @@ char *cs_reply_token(apr_pool_t *p, const cs_token_t *tok, apr_time_t expires,
 /* {"error": code, "message": message} */
 char *cs_reply_error(apr_pool_t *p, const char *code, const char *message);
 
+/* The error code, and the body, of a token refused by identity pinning
+ * (CardScanIdentityPinning enforce): sent with 502 Bad Gateway. Names
+ * neither identity. */
+#define CS_ERR_IDENTITY_MISMATCH "identity_mismatch"
+char *cs_reply_identity_mismatch(apr_pool_t *p);
+
 /* RFC 3339 UTC, second precision: 2026-11-27T20:15:00Z */
 const char *cs_rfc3339(apr_pool_t *p, apr_time_t t);
 
@@ -161,8 +167,9 @@ void cs_cache_id(const cs_key_t *key, const char *endpoint, const char *user_id,
 void cs_cache_key_bytes(const char *id, unsigned char out[CS_CACHE_KEY_LEN]);
 
 typedef enum {
-    CS_ENTRY_TOKEN = 1,  /* body is the client reply */
-    CS_ENTRY_FAILURE = 2 /* a failed call: the user's negative cache */
+    CS_ENTRY_TOKEN = 1,   /* body is the client reply */
+    CS_ENTRY_FAILURE = 2, /* a failed call: the user's negative cache */
+    CS_ENTRY_PIN = 3      /* the user's pinned IdentityId (cs_pin_t) */
 } cs_entry_kind_e;
 
 typedef struct cs_entry {
@@ -375,6 +382,11 @@ typedef struct cs_metrics {
      * were logged: named once per generation across the processes */
     apr_uint32_t store_auth_logged;
     cs_breaker_t breakers[CS_BREAKER_SLOTS];
+    /* new tokens whose IdentityId differed from the user's pin (alarm and
+     * enforce alike) */
+    apr_uint64_t identity_changes;
+    /* apr_time_t of the last API answer in 2xx; 0: none yet */
+    apr_int64_t upstream_last_success;
 } cs_metrics_t;
 
 void cs_metrics_request(cs_metrics_t *m, cs_outcome_e outcome);
@@ -385,8 +397,12 @@ const char *cs_outcome_name(cs_outcome_e outcome);
 void cs_metrics_cache(cs_metrics_t *m, int hit);
 void cs_metrics_wait(cs_metrics_t *m);
 void cs_metrics_refresh(cs_metrics_t *m, cs_refresh_e result);
+/* Counts one exchange with the API; an answer in 2xx also sets
+ * upstream_last_success to the current time. */
 void cs_metrics_upstream(cs_metrics_t *m, cs_up_result_e result, int status,
                          apr_interval_time_t elapsed);
+/* A new token carried another IdentityId than the user's pin. */
+void cs_metrics_identity_change(cs_metrics_t *m);
 
 /* Prometheus text exposition format 0.0.4. */
 char *cs_metrics_render(apr_pool_t *p, const cs_metrics_t *m, apr_time_t now);
@@ -446,13 +462,15 @@ apr_time_t cs_serve_refresh_at(const cs_entry_t *tok, const cs_policy_t *pol);
 /* The seconds a failure entry tells clients to wait (Retry-After), >= 1. */
 int cs_serve_retry_after(const cs_entry_t *fail, apr_time_t now);
 
-/* The store ids of one user: the token, the failure (negative cache) and
- * the call lock. Each is the 32-byte cache key and a tag byte. */
+/* The store ids of one user: the token, the failure (negative cache), the
+ * call lock and the identity pin. Each is the 32-byte cache key and a tag
+ * byte. */
 #define CS_STORE_ID_LEN (CS_CACHE_KEY_LEN + 1)
 typedef enum {
     CS_ID_TOKEN = 'T',
     CS_ID_FAILURE = 'F',
-    CS_ID_LOCK = 'L'
+    CS_ID_LOCK = 'L',
+    CS_ID_PIN = 'P'
 } cs_id_kind_e;
 void cs_store_id(const unsigned char key[CS_CACHE_KEY_LEN], cs_id_kind_e kind,
                  unsigned char out[CS_STORE_ID_LEN]);
@@ -559,5 +577,72 @@ int cs_queue_push(cs_queue_t *q, void *job);
 void cs_queue_stop(cs_queue_t *q);
 /* the threads that were started */
 int cs_queue_threads(const cs_queue_t *q);
+/* ----------------------------------------------------- identity pinning */
+
+/* CardScan's IdentityId names the identity a user's tokens belong to. For
+ * one (API key, endpoint, user id) it should never change: a new token with
+ * another IdentityId than the one before means something upstream mixed
+ * people up. The IdentityId of the user's last accepted token is kept as a
+ * pin, a cache entry of its own (CS_ID_PIN, kind CS_ENTRY_PIN) that lives
+ * longer than any token (CardScanIdentityPinTTL); every new token, fetched
+ * or refreshed, is compared with it (lib/cs_identity.c). */
+
+typedef enum {
+    CS_PIN_OFF = 0, /* no check; accepted tokens still re-pin */
+    CS_PIN_ALARM,   /* a change is logged and counted, the token served */
+    CS_PIN_ENFORCE  /* a change is logged, counted and refused */
+} cs_pin_mode_e;
+
+#define CS_PIN_MODE_DEFAULT CS_PIN_ALARM
+#define CS_PIN_TTL_DEFAULT apr_time_from_sec(86400)
+#define CS_PIN_TTL_MIN 60      /* seconds */
+#define CS_PIN_TTL_MAX 2592000 /* 30 days */
+
+/* A user's pin: the IdentityId of their last accepted token. */
+typedef struct cs_pin {
+    const char *identity_id;
+    apr_time_t pinned;  /* when it was (last) confirmed */
+    apr_time_t expires; /* forgotten then: the next token pins afresh */
+} cs_pin_t;
+
+typedef enum {
+    CS_PIN_ACCEPT = 0, /* no live pin, the same IdentityId, or pinning off:
+                          serve the token and (re)pin its IdentityId */
+    CS_PIN_CHANGED,    /* another IdentityId, alarm: serve the token, count
+                          and log the change, pin the new IdentityId */
+    CS_PIN_REFUSE      /* another IdentityId, enforce: count and log the
+                          change, neither serve nor cache the token (502
+                          identity_mismatch); the pin stays as it was, so
+                          that it runs out CardScanIdentityPinTTL after the
+                          last token that matched it */
+} cs_pin_verdict_e;
+
+/* The verdict on a new token's IdentityId. pin: the user's pin or NULL
+ * (none, or it did not open); an expired pin counts as none. */
+cs_pin_verdict_e cs_pin_decide(const cs_pin_t *pin, const char *identity_id,
+                               cs_pin_mode_e mode, apr_time_t now);
+
+/* The pin to store after an accepted token (CS_PIN_ACCEPT, CS_PIN_CHANGED):
+ * pinned now, expiring ttl later. identity_id is referenced, not copied. */
+void cs_pin_make(cs_pin_t *pin, const char *identity_id, apr_time_t now,
+                 apr_interval_time_t ttl);
+
+/* A pin as a cache entry, sealed with cs_entry_seal like the others (the
+ * IdentityId is its body) and stored under CS_ID_PIN until pin->expires. */
+void cs_pin_to_entry(const cs_pin_t *pin, cs_entry_t *e);
+
+/* The pin an opened entry holds; an entry of another kind is an error (a
+ * token or a failure never reads as a pin). */
+apr_status_t cs_pin_from_entry(const cs_entry_t *e, cs_pin_t *pin,
+                               const char **err);
+
+/* CardScanIdentityPinning alarm|enforce|off (any case). */
+apr_status_t cs_pin_mode_parse(apr_pool_t *p, const char *arg,
+                               cs_pin_mode_e *mode, const char **err);
+
+/* CardScanIdentityPinTTL seconds: a whole number in
+ * [CS_PIN_TTL_MIN, CS_PIN_TTL_MAX]. */
+apr_status_t cs_pin_ttl_parse(apr_pool_t *p, const char *arg,
+                              apr_interval_time_t *ttl, const char **err);
 
 #endif /* CARDSCAN_H */

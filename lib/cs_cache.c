@@ -208,7 +208,8 @@ apr_status_t cs_entry_open(apr_pool_t *p, const cs_key_t *key, const char *id,
     body = (char *)plain + ENTRY_HEADER;
     body[e->body_len] = '\0';
     e->body = body;
-    if (e->kind != CS_ENTRY_TOKEN && e->kind != CS_ENTRY_FAILURE) {
+    if (e->kind != CS_ENTRY_TOKEN && e->kind != CS_ENTRY_FAILURE &&
+        e->kind != CS_ENTRY_PIN) {
         *err = "the cache entry has an unknown kind";
         return APR_EINVAL;
     }

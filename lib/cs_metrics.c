@@ -87,12 +87,36 @@ void cs_metrics_upstream(cs_metrics_t *m, cs_up_result_e result, int status,
         c = CS_CLASS_OTHER;
     }
     ADD(m->upstream[c], 1);
+    if (c == CS_CLASS_2XX)
+        __atomic_store_n(&m->upstream_last_success, apr_time_now(),
+                         __ATOMIC_RELAXED);
     for (b = 0; b < CS_LATENCY_BUCKETS && secs > cs_latency_bounds[b]; b++)
         ;
     if (b < CS_LATENCY_BUCKETS)
         ADD(m->latency_bucket[b], 1);
     ADD(m->latency_count, 1);
     ADD(m->latency_sum_usec, (apr_uint64_t)(elapsed > 0 ? elapsed : 0));
+}
+
+/* One labelled counter: its HELP and TYPE lines, then a line per label
+ * value. */
+static void render_labelled(apr_pool_t *p, apr_array_header_t *out,
+                            const char *name, const char *help,
+                            const char *label, const char *const *values,
+                            const apr_uint64_t *counts, int n)
+{
+    APR_ARRAY_PUSH(out, char *) =
+        apr_psprintf(p, "# HELP %s %s\n# TYPE %s counter\n", name, help, name);
+    for (int i = 0; i < n; i++)
+        APR_ARRAY_PUSH(out, char *) =
+            apr_psprintf(p, "%s{%s=\"%s\"} %" APR_UINT64_T_FMT "\n", name,
+                         label, values[i], GET(counts[i]));
+}
+
+void cs_metrics_identity_change(cs_metrics_t *m)
+{
+    if (m)
+        ADD(m->identity_changes, 1);
 }
 
 char *cs_metrics_render(apr_pool_t *p, const cs_metrics_t *cm, apr_time_t now)
@@ -102,11 +126,9 @@ char *cs_metrics_render(apr_pool_t *p, const cs_metrics_t *cm, apr_time_t now)
     apr_uint64_t cum = 0, open = 0, opened = 0;
 
 #define LINE(...) (APR_ARRAY_PUSH(out, char *) = apr_psprintf(p, __VA_ARGS__))
-    LINE("# HELP cardscan_requests_total Requests to cardscan-session by "
-         "outcome.\n# TYPE cardscan_requests_total counter\n");
-    for (int i = 0; i < CS_OUT_COUNT; i++)
-        LINE("cardscan_requests_total{outcome=\"%s\"} %" APR_UINT64_T_FMT "\n",
-             outcome_names[i], GET(m->requests[i]));
+    render_labelled(p, out, "cardscan_requests_total",
+                    "Requests to cardscan-session by outcome.", "outcome",
+                    outcome_names, m->requests, CS_OUT_COUNT);
     LINE("# HELP cardscan_cache_hits_total Token cache hits.\n"
          "# TYPE cardscan_cache_hits_total counter\n"
          "cardscan_cache_hits_total %" APR_UINT64_T_FMT "\n",
@@ -115,12 +137,9 @@ char *cs_metrics_render(apr_pool_t *p, const cs_metrics_t *cm, apr_time_t now)
          "# TYPE cardscan_cache_misses_total counter\n"
          "cardscan_cache_misses_total %" APR_UINT64_T_FMT "\n",
          GET(m->cache_misses));
-    LINE("# HELP cardscan_upstream_requests_total Calls to the CardScan API "
-         "by result.\n# TYPE cardscan_upstream_requests_total counter\n");
-    for (int i = 0; i < CS_CLASS_COUNT; i++)
-        LINE("cardscan_upstream_requests_total{class=\"%s\"} %" APR_UINT64_T_FMT
-             "\n",
-             class_names[i], GET(m->upstream[i]));
+    render_labelled(p, out, "cardscan_upstream_requests_total",
+                    "Calls to the CardScan API by result.", "class",
+                    class_names, m->upstream, CS_CLASS_COUNT);
     LINE("# HELP cardscan_upstream_duration_seconds Duration of calls to the "
          "CardScan API.\n# TYPE cardscan_upstream_duration_seconds "
          "histogram\n");
@@ -142,11 +161,9 @@ char *cs_metrics_render(apr_pool_t *p, const cs_metrics_t *cm, apr_time_t now)
          "# TYPE cardscan_singleflight_waits_total counter\n"
          "cardscan_singleflight_waits_total %" APR_UINT64_T_FMT "\n",
          GET(m->singleflight_waits));
-    LINE("# HELP cardscan_refreshes_total Refreshes of a token ahead of its "
-         "expiry, by result.\n# TYPE cardscan_refreshes_total counter\n");
-    for (int i = 0; i < CS_REFRESH_COUNT; i++)
-        LINE("cardscan_refreshes_total{result=\"%s\"} %" APR_UINT64_T_FMT "\n",
-             refresh_names[i], GET(m->refreshes[i]));
+    render_labelled(p, out, "cardscan_refreshes_total",
+                    "Refreshes of a token ahead of its expiry, by result.",
+                    "result", refresh_names, m->refreshes, CS_REFRESH_COUNT);
     LINE("# HELP cardscan_cache_errors_total Token cache operations that "
          "failed or passed their deadline.\n"
          "# TYPE cardscan_cache_errors_total counter\n"
@@ -167,6 +184,22 @@ char *cs_metrics_render(apr_pool_t *p, const cs_metrics_t *cm, apr_time_t now)
          "opened.\n# TYPE cardscan_circuit_opened_total counter\n"
          "cardscan_circuit_opened_total %" APR_UINT64_T_FMT "\n",
          opened);
+    LINE("# HELP cardscan_cache_paused Whether the token cache is left alone "
+         "after a failure (1) or in use (0).\n"
+         "# TYPE cardscan_cache_paused gauge\n"
+         "cardscan_cache_paused %d\n",
+         now < GET(m->store_backoff.until) ? 1 : 0);
+    LINE("# HELP cardscan_upstream_last_success_timestamp_seconds When the "
+         "CardScan API last answered in 2xx (0: not since the start).\n"
+         "# TYPE cardscan_upstream_last_success_timestamp_seconds gauge\n"
+         "cardscan_upstream_last_success_timestamp_seconds %" APR_INT64_T_FMT
+         "\n",
+         (apr_int64_t)apr_time_sec(GET(m->upstream_last_success)));
+    LINE("# HELP cardscan_identity_changes_total New tokens whose IdentityId "
+         "differed from the one pinned for the user.\n"
+         "# TYPE cardscan_identity_changes_total counter\n"
+         "cardscan_identity_changes_total %" APR_UINT64_T_FMT "\n",
+         GET(m->identity_changes));
 #undef LINE
     return apr_array_pstrcat(p, out, 0);
 }

@@ -49,3 +49,11 @@ char *cs_reply_error(apr_pool_t *p, const char *code, const char *message)
     cJSON_AddStringToObject(o, "message", message);
     return print_to_pool(p, o);
 }
+
+char *cs_reply_identity_mismatch(apr_pool_t *p)
+{
+    return cs_reply_error(
+        p, CS_ERR_IDENTITY_MISMATCH,
+        "the CardScan API issued this user a token of another identity than "
+        "before; it was refused: ask the site's administrators");
+}

@@ -8,9 +8,10 @@ libcurl4-openssl-dev libcjson-dev libssl-dev libhiredis-dev libmemcached-dev
 check openssl curl"
 # shellcheck disable=SC2034 # used by scripts/test
 # Running the whole test suite: the above plus sanitizers, valgrind, the
-# Python integration tests, the shared-cache backends, a browser and node
-# (its http2 module is the HTTP/2 upstream of test_hardening).
-CS_TEST_PACKAGES="$CS_BUILD_PACKAGES python3 valgrind clang redis-server memcached chromium nodejs"
+# Python integration tests, the shared-cache backends, a browser, node
+# (its http2 module is the HTTP/2 upstream of test_hardening) and promtool
+# (Debian 12 ships it in the prometheus package) for the alerting rules.
+CS_TEST_PACKAGES="$CS_BUILD_PACKAGES python3 valgrind clang redis-server memcached chromium nodejs prometheus"
 
 cs_missing_packages() {
     local installed p missing=""

@@ -159,6 +159,7 @@ struct config {
     long latency_ms, lifetime, clock_skew, session_id, retry_after;
     char fault_user[256]; /* "": the fault applies to every user */
     long signature_bytes; /* of a token's signature part; 0 = the default */
+    long identity_salt;   /* mixed into IdentityIds; 0: none (the default) */
 };
 
 /* The numeric settings of /_mock/config, with their accepted ranges. */
@@ -174,6 +175,7 @@ static const struct {
     {"session_id", offsetof(struct config, session_id), 0, 1},
     {"retry_after", offsetof(struct config, retry_after), 0, 1000000000},
     {"signature_bytes", offsetof(struct config, signature_bytes), 0, 1000000},
+    {"identity_salt", offsetof(struct config, identity_salt), 0, 1000000000},
 };
 
 /* Everything shared between threads, guarded by `lock`. */
@@ -380,8 +382,11 @@ static void format_uuid(unsigned char b[16], int version, char out[37])
 }
 
 /* Real IdentityIds are stable per user, so derive one from SHA-256(user_id);
- * without a user_id Cognito would mint a fresh identity: random. */
-static void make_ids(const char *user_id, char identity[48], char session[37])
+ * without a user_id Cognito would mint a fresh identity: random. A salt
+ * (identity_salt) gives every user another stable identity: an upstream that
+ * mixed people up, for identity pinning's tests. */
+static void make_ids(const char *user_id, long salt, char identity[48],
+                     char session[37])
 {
     unsigned char bytes[EVP_MAX_MD_SIZE], random[16];
     unsigned int digest_len = 0;
@@ -389,7 +394,15 @@ static void make_ids(const char *user_id, char identity[48], char session[37])
     if (RAND_bytes(random, sizeof random) != 1)
         abort();
     format_uuid(random, 4, session);
-    if (user_id)
+    if (user_id && salt) {
+        char *salted = NULL;
+        if (asprintf(&salted, "%ld\n%s", salt, user_id) < 0)
+            abort();
+        EVP_Digest(salted, strlen(salted), bytes, &digest_len, EVP_sha256(),
+                   NULL);
+        free(salted);
+    }
+    else if (user_id)
         EVP_Digest(user_id, strlen(user_id), bytes, &digest_len, EVP_sha256(),
                    NULL);
     else if (RAND_bytes(bytes, 16) != 1)
@@ -718,7 +731,7 @@ static enum action send_token(struct conn *c, enum fault fault,
                          : cfg->signature_bytes   ? (size_t)cfg->signature_bytes
                                                   : SIGNATURE_BYTES);
     char identity[48], session[37];
-    make_ids(user_id, identity, session);
+    make_ids(user_id, cfg->identity_salt, identity, session);
 
     cJSON *body = cJSON_CreateObject();
     if (fault != FAULT_NOTOKEN)

@@ -20,6 +20,8 @@ Suite *origin_suite(void);
 Suite *conf_suite(void);
 Suite *policy_suite(void);
 Suite *queue_suite(void);
+Suite *metrics_suite(void);
+Suite *identity_suite(void);
 
 /* a fresh pool per test, destroyed by the fixture */
 extern apr_pool_t *tp;

@@ -83,6 +83,8 @@ int main(void)
     srunner_add_suite(sr, conf_suite());
     srunner_add_suite(sr, policy_suite());
     srunner_add_suite(sr, queue_suite());
+    srunner_add_suite(sr, metrics_suite());
+    srunner_add_suite(sr, identity_suite());
     srunner_run_all(sr, CK_NORMAL);
     failed = srunner_ntests_failed(sr);
     srunner_free(sr);
