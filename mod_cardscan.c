@@ -179,6 +179,7 @@ static int cs_status_hook(request_rec *r, int flags)
 
 static void cs_register_hooks(apr_pool_t *p)
 {
+    static const char *const authz_core[] = {"mod_authz_core.c", NULL};
     (void)p;
     /* Start-up: pre_config resets the server-wide settings (the module's
      * statics survive nothing: it is reloaded on every restart) and sets
@@ -191,12 +192,18 @@ static void cs_register_hooks(apr_pool_t *p)
     ap_hook_post_config(cs_post_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_child_init(cs_child_init, NULL, NULL, APR_HOOK_MIDDLE);
 
-    /* CORS: a genuine preflight from a listed origin to a token location is
-     * let through authentication (check_access_ex, first, per
-     * configuration) and answered by the first handler of all, before
-     * mod_proxy or a CGI could run for it. */
-    ap_hook_check_access_ex(cs_cors_access, NULL, NULL, APR_HOOK_FIRST,
-                            AP_AUTH_INTERNAL_PER_CONF);
+    /* CORS: a genuine preflight from a listed origin to a token location
+     * skips authentication and nothing else. check_access_ex runs its hooks
+     * until one answers: ours comes after mod_authz_core's, which refuses
+     * where the location refuses everyone (Require all denied, ip, expr)
+     * and declines where a user is needed. Per URI, not per configuration:
+     * the answer depends on the method and headers, and an internal
+     * redirect (an ErrorDocument in the same location) must run the access
+     * checks again rather than inherit the preflight's. The preflight is
+     * answered by the first handler of all, before mod_proxy or a CGI
+     * could run for it. */
+    ap_hook_check_access_ex(cs_cors_access, authz_core, NULL, APR_HOOK_LAST,
+                            AP_AUTH_INTERNAL_PER_URI);
     ap_hook_handler(cs_cors_preflight, NULL, NULL, APR_HOOK_REALLY_FIRST);
 
     /* CardScanBackendUser: the client's copy of the user header is dropped

@@ -50,9 +50,27 @@ int cs_backend_fixups(request_rec *r)
     return DECLINED;
 }
 
+/* An internal redirect (a CGI's local Location, an ErrorDocument) shares
+ * the headers the backend put into r->err_headers_out with the new request,
+ * which has no filter of its own when it leaves the location: the user
+ * header of every location the request came through is removed here,
+ * before the new request's handler runs. */
+static void strip_redirected(request_rec *r)
+{
+    for (request_rec *prev = r->prev; prev; prev = prev->prev) {
+        const cs_dir_conf *d = cs_config_dir(prev);
+        if (!d->backend_header)
+            continue;
+        strip_header(r->pool, r->err_headers_out, d->backend_header);
+        strip_header(r->pool, r->headers_out, d->backend_header);
+    }
+}
+
 void cs_backend_insert_filter(request_rec *r)
 {
     const cs_dir_conf *d = cs_config_dir(r);
+    if (r->prev)
+        strip_redirected(r);
     if (d->backend_header && !r->main)
         ap_add_output_filter(CS_BACKEND_FILTER, NULL, r, r->connection);
 }
@@ -80,7 +98,7 @@ static apr_status_t backend_filter(ap_filter_t *f, apr_bucket_brigade *bb)
     request_rec *r = f->r;
     const cs_dir_conf *d = cs_config_dir(r);
     cs_req_state *rs;
-    const char *user_id;
+    const char *user_id, *err = NULL;
     int n;
 
     if (f->ctx)
@@ -95,9 +113,15 @@ static apr_status_t backend_filter(ap_filter_t *f, apr_bucket_brigade *bb)
         return ap_pass_brigade(f->next, bb);
     }
 
-    /* the backend's response is replaced, headers and all */
+    /* the backend's response is replaced, headers and all: CGI-style
+     * modules keep most of a script's headers in err_headers_out, which
+     * would otherwise ride on the token reply (and mod_cache reads its
+     * Cache-Control there first); no cache may keep the reply */
     f->ctx = f;
     r->headers_out = apr_table_make(r->pool, 8);
+    apr_table_clear(r->err_headers_out);
+    apr_table_clear(r->trailers_out);
+    r->no_cache = 1;
     r->status_line = NULL;
     r->content_encoding = NULL;
     r->content_languages = NULL;
@@ -111,10 +135,17 @@ static apr_status_t backend_filter(ap_filter_t *f, apr_bucket_brigade *bb)
         cs_request_error(r, CS_OUT_DENIED, HTTP_FORBIDDEN, "invalid_user_id",
                          "the application named more than one user");
     }
+    else if (cs_user_id_check_named(r->pool, user_id, &err) != APR_SUCCESS) {
+        ap_log_rerror(APLOG_MARK, APLOG_ERR, 0, r,
+                      APLOGNO(10573) "mod_cardscan: refusing the user the "
+                                     "backend named in %s: %s",
+                      d->backend_header, err);
+        cs_request_error(r, CS_OUT_DENIED, HTTP_FORBIDDEN, "invalid_user_id",
+                         err);
+    }
     else if (!cs_request_unconfigured(r, d)) {
-        const char *err = NULL;
         /* %u in the access log: the user the application named */
-        if (!r->user && cs_user_id_check(r->pool, user_id, &err) == APR_SUCCESS)
+        if (!r->user)
             r->user = apr_pstrdup(r->pool, user_id);
         cs_request_serve(r, d, user_id);
     }

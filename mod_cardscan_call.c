@@ -59,10 +59,20 @@ static cs_breaker_t *breaker_of(const cs_call *c)
                : NULL;
 }
 
+/* The user as the breaker counts users: 32 bits of the cache id. */
+static apr_uint32_t breaker_user(const cs_call *c)
+{
+    apr_uint32_t user = ((apr_uint32_t)c->ref.bytes[4] << 24) |
+                        ((apr_uint32_t)c->ref.bytes[5] << 16) |
+                        ((apr_uint32_t)c->ref.bytes[6] << 8) | c->ref.bytes[7];
+    return user ? user : 1;
+}
+
 int cs_call_breaker_refuses(const cs_call *c, int *retry_after)
 {
     cs_breaker_t *breaker = breaker_of(c);
-    return breaker && !cs_breaker_allow(breaker, apr_time_now(), retry_after);
+    return breaker && !cs_breaker_allow_user(breaker, apr_time_now(),
+                                             breaker_user(c), retry_after);
 }
 
 /* The exchanges of one call (cs_call_retry: at most one retry); each feeds
@@ -71,9 +81,7 @@ static void call_upstream(cs_call *c, cs_upstream_req_t *req,
                           cs_upstream_resp_t *resp)
 {
     cs_breaker_t *breaker = breaker_of(c);
-    apr_uint32_t user = ((apr_uint32_t)c->ref.bytes[4] << 24) |
-                        ((apr_uint32_t)c->ref.bytes[5] << 16) |
-                        ((apr_uint32_t)c->ref.bytes[6] << 8) | c->ref.bytes[7];
+    apr_uint32_t user = breaker_user(c);
     apr_time_t start = apr_time_now(), deadline = start + req->timeout;
 
     for (int attempt = 0;; attempt++) {

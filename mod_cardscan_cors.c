@@ -47,25 +47,41 @@ static int serves_tokens(request_rec *r, const cs_dir_conf *d)
     if (!core || !core->expr_handler)
         return 0;
     handler = ap_expr_str_exec(r, core->expr_handler, &err);
-    return !err && handler && strcmp(handler, CS_HANDLER) == 0;
+    /* core lowercases a SetHandler name; the expression is as written */
+    return !err && handler && strcasecmp(handler, CS_HANDLER) == 0;
 }
 
-/* Browsers send a CORS preflight without credentials. A genuine one (OPTIONS
- * with Origin and Access-Control-Request-Method) from a listed origin, to a
- * location that serves tokens, is authorised here without authentication:
- * its answer (cs_cors_preflight) says only which methods and headers the
- * origin may use, and never calls the API. Every other request goes on to
- * Apache's authentication as usual. */
+/* Browsers send a CORS preflight without credentials. A genuine one from a
+ * listed origin, to a location that serves tokens, skips authentication
+ * here, and nothing else: this hook runs after mod_authz_core's
+ * authorize_userless, so a location that refuses everyone (Require all
+ * denied, ip, expr) has refused the preflight already; it answers only
+ * where authorization needs a user. The answer (cs_cors_preflight) says
+ * which methods and headers the origin may use, and never calls the API or
+ * a backend. Every other request goes on to Apache's authentication. */
+/* A genuine preflight: OPTIONS with Access-Control-Request-Method, the
+ * client's own request (not a subrequest, nor an internal redirect such as
+ * an ErrorDocument, which must never inherit it). A body it may carry is
+ * read and dropped by cs_cors_preflight. */
+static int is_preflight(request_rec *r)
+{
+    return r->method_number == M_OPTIONS && !r->main && !r->prev &&
+           apr_table_get(r->headers_in, "Access-Control-Request-Method");
+}
+
+/* Whether r is a preflight this module answers: genuine, from a listed
+ * origin, to a location that serves tokens. */
+static int answers_preflight(request_rec *r, const cs_dir_conf *d)
+{
+    return d->origins && is_preflight(r) && serves_tokens(r, d) &&
+           cs_origin_listed(d->origins, apr_table_get(r->headers_in, "Origin"));
+}
+
 int cs_cors_access(request_rec *r)
 {
     const cs_dir_conf *d = cs_config_dir(r);
 
-    if (!d->origins || r->main || !serves_tokens(r, d) ||
-        !cs_origin_listed(d->origins, apr_table_get(r->headers_in, "Origin")))
-        return DECLINED;
-    if (r->method_number == M_OPTIONS &&
-        apr_table_get(r->headers_in, "Access-Control-Request-Method")) {
-        cs_request_state(r, 1)->preflight = 1;
+    if (answers_preflight(r, d)) {
         ap_log_rerror(APLOG_MARK, APLOG_TRACE1, 0, r,
                       "mod_cardscan: CORS preflight from %s",
                       apr_table_get(r->headers_in, "Origin"));
@@ -73,22 +89,29 @@ int cs_cors_access(request_rec *r)
     }
     /* Apache's own 401 is readable by the app too, so that it can tell
      * "log in first" from a network error (not a backend's pages) */
-    if (!d->backend_header)
+    if (d->origins && !d->backend_header && !r->main && serves_tokens(r, d))
         cs_cors_allow(r, d);
     return DECLINED;
 }
 
-/* Runs before every other handler (mod_proxy's included) for the preflights
- * cs_cors_access let through. */
+/* Runs before every other handler (mod_proxy's included): a preflight that
+ * got here passed the location's access control (without authentication
+ * where cs_cors_access let it) and is answered here, never by the API nor a
+ * backend. */
 int cs_cors_preflight(request_rec *r)
 {
-    cs_req_state *rs = cs_request_state(r, 0);
+    const cs_dir_conf *d = cs_config_dir(r);
 
-    if (!rs || !rs->preflight)
+    if (!answers_preflight(r, d))
         return DECLINED;
-    if (ap_discard_request_body(r) != OK)
+    /* a body means nothing here; one that cannot be read ends the
+     * connection, and its error page (an internal redirect) is checked for
+     * access again, as any request */
+    if (ap_discard_request_body(r) != OK) {
+        r->connection->keepalive = AP_CONN_CLOSE;
         return HTTP_BAD_REQUEST;
-    cs_cors_allow(r, cs_config_dir(r));
+    }
+    cs_cors_allow(r, d);
     apr_table_setn(r->headers_out, "Access-Control-Allow-Methods", "GET, POST");
     if (apr_table_get(r->headers_in, "Access-Control-Request-Headers"))
         apr_table_setn(r->headers_out, "Access-Control-Allow-Headers",

@@ -216,7 +216,6 @@ int cs_refresh_later(const cs_call *c, const cs_entry_t *tok);
 
 /* the per-request state of the module, in r->request_config */
 typedef struct {
-    int preflight;      /* a CORS preflight answered without auth */
     ap_filter_t *reply; /* CardScanBackendUser: where the swapped reply goes
                            (NULL: the request's output filters) */
 } cs_req_state;

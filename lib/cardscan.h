@@ -86,6 +86,13 @@ apr_status_t cs_endpoint_check_key(apr_pool_t *p, const char *url,
  * characters. */
 apr_status_t cs_user_id_check(apr_pool_t *p, const char *id, const char **err);
 
+/* An id named by a backend in a response header (CardScanBackendUser):
+ * cs_user_id_check, and printable ASCII (0x20-0x7E) with no comma (httpd
+ * merges two headers of a CGI-style backend into "a, b") and no space at
+ * either end. */
+apr_status_t cs_user_id_check_named(apr_pool_t *p, const char *id,
+                                    const char **err);
+
 /* Percent-encodes every byte but RFC 3986 unreserved ones, so that the id
  * reaches the API as exactly one query value. */
 const char *cs_user_id_encode(apr_pool_t *p, const char *id);
@@ -287,6 +294,8 @@ typedef struct cs_breaker {
     apr_int64_t probe_started;  /* apr_time_t of the probe; 0: none */
     apr_uint64_t opened_total;
     apr_uint32_t users[CS_BREAKER_USERS]; /* hashes; 0: none */
+    apr_uint32_t probe_user;              /* the user of the probe in flight */
+    apr_uint32_t failed_probe_user; /* the user of the last failed probe */
 } cs_breaker_t;
 
 #define CS_BREAKER_SLOTS 16
@@ -298,6 +307,14 @@ cs_breaker_t *cs_breaker_slot(cs_breaker_t *table, const char *endpoint);
 /* Whether a request may call the upstream now. When not, *retry_after is
  * the number of seconds until the next probe. */
 int cs_breaker_allow(cs_breaker_t *b, apr_time_t now, int *retry_after);
+
+/* The same for one user's call (user_hash != 0): the probe is then that
+ * user's, and only its own result (cs_breaker_record with the same user)
+ * decides the half-open breaker; a failed probe of the user whose probe
+ * failed last time closes it instead of re-opening it, so that one user
+ * whose calls always fail cannot hold it open. */
+int cs_breaker_allow_user(cs_breaker_t *b, apr_time_t now,
+                          apr_uint32_t user_hash, int *retry_after);
 
 /* Records the outcome of an exchange made for the user whose cache id
  * starts with `user_hash` (any nonzero 32-bit value per user). The breaker

@@ -46,6 +46,12 @@ int cs_breaker_is_open(const cs_breaker_t *b, apr_time_t now)
 
 int cs_breaker_allow(cs_breaker_t *b, apr_time_t now, int *retry_after)
 {
+    return cs_breaker_allow_user(b, now, 0, retry_after);
+}
+
+int cs_breaker_allow_user(cs_breaker_t *b, apr_time_t now,
+                          apr_uint32_t user_hash, int *retry_after)
+{
     apr_int64_t until = __atomic_load_n(&b->open_until, __ATOMIC_ACQUIRE);
     apr_int64_t probe = __atomic_load_n(&b->probe_started, __ATOMIC_ACQUIRE);
 
@@ -59,8 +65,10 @@ int cs_breaker_allow(cs_breaker_t *b, apr_time_t now, int *retry_after)
      * probe that never reported (its process died) is replaced */
     if ((probe == 0 || now - probe > CS_BREAKER_PROBE_MAX) &&
         __atomic_compare_exchange_n(&b->probe_started, &probe, now, 0,
-                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        __atomic_store_n(&b->probe_user, user_hash, __ATOMIC_RELEASE);
         return 1;
+    }
     *retry_after = 1;
     return 0;
 }
@@ -91,11 +99,36 @@ int cs_breaker_record(cs_breaker_t *b, apr_time_t now, int ok,
                       apr_uint32_t user_hash, apr_uint32_t threshold,
                       apr_interval_time_t period)
 {
-    apr_uint32_t n, need;
-    int was_probe =
-        __atomic_exchange_n(&b->probe_started, 0, __ATOMIC_ACQ_REL) != 0;
+    apr_uint32_t n, need, probe_user;
+    int was_probe = 0;
+
+    /* the probe's own result, not another exchange that ends meanwhile (one
+     * that started before the breaker opened) */
+    probe_user = __atomic_load_n(&b->probe_user, __ATOMIC_ACQUIRE);
+    if (!probe_user || probe_user == user_hash) {
+        apr_int64_t probe =
+            __atomic_load_n(&b->probe_started, __ATOMIC_ACQUIRE);
+        was_probe = probe != 0 && __atomic_compare_exchange_n(
+                                      &b->probe_started, &probe, 0, 0,
+                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    }
+    if (was_probe && !ok && probe_user &&
+        __atomic_exchange_n(&b->failed_probe_user, probe_user,
+                            __ATOMIC_ACQ_REL) == probe_user) {
+        /* the same user's probe failed twice in a row: that user's
+         * trouble, not the API's; closed, and counted afresh */
+        __atomic_store_n(&b->failures, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&b->open_until, 0, __ATOMIC_RELEASE);
+        for (int i = 0; i < CS_BREAKER_USERS; i++)
+            __atomic_store_n(&b->users[i], 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&b->failed_probe_user, 0, __ATOMIC_RELEASE);
+        remember_user(b, user_hash);
+        __atomic_store_n(&b->failures, 1, __ATOMIC_RELEASE);
+        return 0;
+    }
 
     if (ok) {
+        __atomic_store_n(&b->failed_probe_user, 0, __ATOMIC_RELEASE);
         __atomic_store_n(&b->failures, 0, __ATOMIC_RELEASE);
         __atomic_store_n(&b->open_until, 0, __ATOMIC_RELEASE);
         for (int i = 0; i < CS_BREAKER_USERS; i++)
@@ -109,6 +142,11 @@ int cs_breaker_record(cs_breaker_t *b, apr_time_t now, int ok,
     need = threshold < CS_BREAKER_MIN_USERS ? threshold : CS_BREAKER_MIN_USERS;
     if (!was_probe && (n < threshold || distinct_users(b) < need))
         return 0;
+    /* what happens next is counted afresh: while it is open, only its
+     * probe decides */
+    __atomic_store_n(&b->failures, 0, __ATOMIC_RELEASE);
+    for (int i = 0; i < CS_BREAKER_USERS; i++)
+        __atomic_store_n(&b->users[i], 0, __ATOMIC_RELEASE);
     __atomic_store_n(&b->open_until, now + period, __ATOMIC_RELEASE);
     __atomic_add_fetch(&b->opened_total, 1, __ATOMIC_RELAXED);
     return 1;

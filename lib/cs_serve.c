@@ -28,7 +28,9 @@ apr_time_t cs_serve_refresh_at(const cs_entry_t *tok, const cs_policy_t *pol)
     until = serve_until(tok, pol->min_ttl);
     if (until <= tok->created)
         return 0;
-    return until - (until - tok->created) * pol->refresh_pct / 100;
+    /* divided first: an absurd exp (year 9999) times a percentage would
+     * overflow 64 bits; the error is under pct microseconds */
+    return until - (until - tok->created) / 100 * pol->refresh_pct;
 }
 
 static int failure_active(const cs_entry_t *fail, apr_time_t now)

@@ -33,6 +33,36 @@ apr_status_t cs_user_id_check(apr_pool_t *p, const char *id, const char **err)
     return APR_SUCCESS;
 }
 
+apr_status_t cs_user_id_check_named(apr_pool_t *p, const char *id,
+                                    const char **err)
+{
+    apr_size_t len;
+
+    if (cs_user_id_check(p, id, err) != APR_SUCCESS)
+        return APR_EINVAL;
+    len = strlen(id);
+    /* httpd merges two headers of a CGI-style backend into "a, b" */
+    if (strchr(id, ',')) {
+        *err = "the application named more than one user (a comma in the "
+               "user header)";
+        return APR_EINVAL;
+    }
+    if (id[0] == ' ' || id[len - 1] == ' ') {
+        *err = "the user id named by the application starts or ends with a "
+               "space";
+        return APR_EINVAL;
+    }
+    for (const unsigned char *c = (const unsigned char *)id; *c; c++)
+        if (*c > 0x7e) {
+            *err = apr_psprintf(p,
+                                "the user id named by the application is not "
+                                "printable ASCII (0x%02x at byte %d)",
+                                *c, (int)((const char *)c - id));
+            return APR_EINVAL;
+        }
+    return APR_SUCCESS;
+}
+
 const char *cs_user_id_encode(apr_pool_t *p, const char *id)
 {
     static const char hex[] = "0123456789ABCDEF";

@@ -209,6 +209,48 @@ class Mock:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class PortFileServer:
+    """A loopback server started by the tests: `python3 script PORTFILE args...`
+    binds 127.0.0.1 on a port of its choice and writes it to PORTFILE when it
+    accepts connections (bounded wait). Stopped by its PID (stop())."""
+
+    def __init__(self, script, *args, prefix="cs-srv-"):
+        self.dir = tempfile.mkdtemp(prefix=prefix)
+        portfile = os.path.join(self.dir, "port")
+        self.log = open(os.path.join(self.dir, "server.log"), "w")
+        import sys
+        self.proc = subprocess.Popen([sys.executable, script, portfile] + list(args),
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        _live_mocks.append(self)
+        try:
+            wait_for(lambda: os.path.exists(portfile) or self.proc.poll() is not None, 20,
+                     "%s to listen" % os.path.basename(script))
+            if self.proc.poll() is not None:
+                raise RuntimeError("%s exited; its log: %s" % (script, self.log.name))
+            with open(portfile) as f:
+                self.port = int(f.read())
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self):
+        if self in _live_mocks:
+            _live_mocks.remove(self)
+        stop_pid(self.proc)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class FastCGIResponder(PortFileServer):
+    """tests/integration/fcgi_responder.py serving app_path's
+    cgi_response(env, stdin) over FastCGI on 127.0.0.1 (a stand-in for
+    PHP-FPM behind mod_proxy_fcgi)."""
+
+    def __init__(self, app_path):
+        super().__init__(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fcgi_responder.py"),
+                         app_path, prefix="cs-fcgi-")
+
+
 # A line of an error log that says a process crashed: httpd's report of a
 # child killed by a signal (AH00052 "exit signal Segmentation fault"), glibc's
 # and the sanitizers' reports. Any of them fails the test that saw it.

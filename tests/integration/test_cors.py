@@ -28,13 +28,34 @@ def cors_headers(hdrs):
     return {k: v for k, v in hdrs.items() if k.startswith("access-control-")}
 
 
+def token_location(path, require, handler="cardscan-session"):
+    """A location serving tokens to a listed origin, with its own Require
+    lines (Basic auth configured; the Require decides)."""
+    return f"""<Location "{path}">
+    AuthType Basic
+    AuthName "portal"
+    AuthBasicProvider file
+    AuthUserFile "{session_dir()}/htpasswd"
+    {require}
+    SetHandler {handler}
+    CardScanAllowOrigin {APP}
+</Location>"""
+
+
 class CorsTest(MockTestCase):
+    MPM = "event"
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
         sd = session_dir()
         body = "\n".join([
+            # Apache's access control refuses these whatever the login
+            token_location("/denied", "Require all denied"),
+            token_location("/ipdenied", "Require ip 10.0.0.1"),
+            token_location("/exprfalse", "Require expr false"),
+            # the handler's name in another case: core lowercases it
+            token_location("/mixedcase", "Require valid-user", handler="CardScan-Session"),
             # the harness's /cardscan-session, with origins of its own
             '<Location "/cardscan-session">\n    CardScanAllowOrigin %s %s\n</Location>' % (APP, APP2),
             auth_location("/nouser", 'CardScanUserID "%{reqenv:NOPE}"\n    CardScanAllowOrigin ' + APP),
@@ -50,7 +71,7 @@ class CorsTest(MockTestCase):
 </Location>""",
         ])
         try:
-            cls.httpd = Apache(body=body, access_log=True, global_conf=apache_conf(
+            cls.httpd = Apache(mpm=cls.MPM, body=body, access_log=True, global_conf=apache_conf(
                 endpoint=cls.mock.http_url, extra="CardScanAllowOrigin %s\n" % APP2))
         except BaseException:
             cls.mock.stop()
@@ -130,11 +151,46 @@ class CorsTest(MockTestCase):
         st, hdrs, _, _ = self.httpd.request(path="/nouser", method="OPTIONS", user=None, headers=preflight(APP2))
         self.assertEqual(401, st)
 
+    def test_preflight_is_refused_where_access_control_denies_the_location(self):
+        # the preflight skips the login, never Apache's access control
+        for path in ("/denied", "/ipdenied", "/exprfalse"):
+            with self.subTest(path=path):
+                st, hdrs, data, _ = self.httpd.request(path=path, method="OPTIONS", user=None,
+                                                       headers=preflight(APP))
+                self.assertEqual(403, st, (hdrs, data[:300]))
+                self.assertNotIn("access-control-allow-methods", hdrs)
+                # a logged-in GET is denied too
+                st, _, data, _ = self.httpd.request(path=path, headers={"Origin": APP})
+                self.assertEqual(403, st, data[:300])
+                self.assertNotIn(b"Token", data)
+        self.assertEqual(0, self.mock.calls())
+
+    def test_mixed_case_handler_name_serves_preflights_and_tokens(self):
+        # SetHandler CardScan-Session: handler names are case-insensitive
+        st, hdrs, data, doc = self.httpd.request(path="/mixedcase", headers={"Origin": APP})
+        self.assertEqual(200, st, data[:300])
+        self.assertTrue(doc["Token"].startswith("eyJ"))
+        self.assertEqual(APP, hdrs.get("access-control-allow-origin"))
+        calls = self.mock.calls()
+        st, hdrs, data, _ = self.httpd.request(path="/mixedcase", method="OPTIONS", user=None,
+                                               headers=preflight(APP))
+        self.assertEqual(204, st, (hdrs, data[:300]))
+        self.assertEqual(APP, hdrs.get("access-control-allow-origin"))
+        self.assertEqual("true", hdrs.get("access-control-allow-credentials"))
+        self.assertEqual(calls, self.mock.calls())
+        # without the login: Apache's challenge, readable by the app
+        st, hdrs, _, _ = self.httpd.request(path="/mixedcase", user=None, headers={"Origin": APP})
+        self.assertEqual(401, st)
+        self.assertEqual(APP, hdrs.get("access-control-allow-origin"))
+
     # -------------------------------------------------------------- replies
 
     def test_token_reply_to_listed_origin_is_readable(self):
         st, hdrs, data, doc = self.httpd.request(headers={"Origin": APP})
         self.assertEqual(200, st, data[:300])
+        # alice's token may be cached by an earlier test of the class
+        calls = self.mock.calls()
+        self.assertLessEqual(calls, 1)
         self.assertTrue(doc["Token"].startswith("eyJ"))
         self.assertEqual(APP, hdrs.get("access-control-allow-origin"))
         self.assertEqual("true", hdrs.get("access-control-allow-credentials"))
@@ -144,7 +200,7 @@ class CorsTest(MockTestCase):
         st, hdrs, _, _ = self.httpd.request(headers={"Origin": APP})
         self.assertEqual(200, st)
         self.assertEqual(APP, hdrs.get("access-control-allow-origin"))
-        self.assertEqual(1, self.mock.calls())
+        self.assertEqual(calls, self.mock.calls())
 
     def test_error_replies_to_listed_origin_are_readable(self):
         # the endpoint's own JSON error
@@ -175,6 +231,11 @@ class CorsTest(MockTestCase):
         st, hdrs, _, _ = self.httpd.request(path="/nouser", headers={"Origin": EVIL})
         self.assertEqual(403, st)
         self.assertEqual({}, cors_headers(hdrs))
+
+
+class CorsPreforkTest(CorsTest):
+    """The same under prefork."""
+    MPM = "prefork"
 
 
 class CorsConfigTest(unittest.TestCase):

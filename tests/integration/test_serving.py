@@ -239,6 +239,21 @@ class RestartSurvivalTest(MockTestCase):
         with open(a.conf, "w") as f:
             f.write(text.replace(old, new))
 
+    def test_entries_carried_to_no_cache_are_freed(self):
+        """shmcb, then CardScanCache none, then shmcb again: what the first
+        generation carried out is freed by the second (which has no shmcb
+        to take it), never stored by the third."""
+        a = self.apache(body=shard_location(), global_conf=apache_conf(
+            endpoint=self.mock.http_url, extra="CardScanCache shmcb\n"))
+        self.USERS = 5
+        self.warm(a)
+        self._rewrite(a, "CardScanCache shmcb\n", "CardScanCache none\n")
+        a.graceful_and_wait()
+        self._rewrite(a, "CardScanCache none\n", "CardScanCache shmcb\n")
+        a.graceful_and_wait()
+        self.assertEqual(a.request("/shard", headers={"X-Test-Shard": "0"})[0], 200)
+        self.assertNotIn("AH10533", a.log(), "entries of a shmcb two generations ago were stored again")
+
     def test_changed_configuration_never_serves_old_entries(self):
         secret = os.path.join(self.mock.dir, "cache-secret")
         write_file(secret, "first cache secret, 32 bytes ok\n")

@@ -171,6 +171,61 @@ START_TEST(metrics_render)
 }
 END_TEST
 
+/* Opens the breaker with failures of five users at T0. */
+static void open_it(cs_breaker_t *b)
+{
+    memset(b, 0, sizeof(*b));
+    for (int i = 0; i < 5; i++)
+        cs_breaker_record(b, T0, 0, 100 + i, 5, SEC(10));
+    ck_assert(cs_breaker_is_open(b, T0));
+}
+
+/* Only the probe's own failure re-opens a half-open breaker: an exchange
+ * of another user that ends meanwhile does not. */
+START_TEST(only_the_probe_decides)
+{
+    cs_breaker_t b;
+    int ra = 0;
+    open_it(&b);
+    ck_assert(cs_breaker_allow_user(&b, T0 + SEC(11), 42, &ra));
+    ck_assert_int_eq(cs_breaker_record(&b, T0 + SEC(11), 0, 7, 5, SEC(10)), 0);
+    ck_assert(!cs_breaker_is_open(&b, T0 + SEC(11)));
+    /* the probe is still in flight: others still fail fast */
+    ck_assert(!cs_breaker_allow_user(&b, T0 + SEC(11), 8, &ra));
+    /* its own failure re-opens it */
+    ck_assert_int_eq(cs_breaker_record(&b, T0 + SEC(12), 0, 42, 5, SEC(10)), 1);
+    ck_assert(cs_breaker_is_open(&b, T0 + SEC(12)));
+}
+END_TEST
+
+/* One user whose calls always fail cannot hold the breaker open: when the
+ * same user's probe fails twice in a row, it closes. Probes of different
+ * users that fail (a real outage) keep it open. */
+START_TEST(one_user_cannot_hold_it_open)
+{
+    cs_breaker_t b;
+    int ra = 0;
+    open_it(&b);
+    ck_assert(cs_breaker_allow_user(&b, T0 + SEC(11), 42, &ra));
+    ck_assert_int_eq(cs_breaker_record(&b, T0 + SEC(11), 0, 42, 5, SEC(10)), 1);
+    ck_assert(cs_breaker_allow_user(&b, T0 + SEC(22), 42, &ra));
+    ck_assert_int_eq(cs_breaker_record(&b, T0 + SEC(22), 0, 42, 5, SEC(10)), 0);
+    ck_assert(!cs_breaker_is_open(&b, T0 + SEC(22)));
+    ck_assert(cs_breaker_allow_user(&b, T0 + SEC(22), 9, &ra));
+    /* and that user alone does not open it again */
+    for (int i = 0; i < 20; i++)
+        ck_assert_int_eq(cs_breaker_record(&b, T0 + SEC(23), 0, 42, 5, SEC(10)),
+                         0);
+
+    open_it(&b);
+    for (int p = 0; p < 4; p++) {
+        apr_time_t t = T0 + SEC(11 * (p + 1));
+        ck_assert(cs_breaker_allow_user(&b, t, 200 + p, &ra));
+        ck_assert_int_eq(cs_breaker_record(&b, t, 0, 200 + p, 5, SEC(10)), 1);
+    }
+}
+END_TEST
+
 Suite *breaker_suite(void)
 {
     Suite *s = suite_create("breaker+metrics");
@@ -182,6 +237,8 @@ Suite *breaker_suite(void)
     tcase_add_test(tc, stale_probe_is_replaced);
     tcase_add_test(tc, slots_per_endpoint);
     tcase_add_test(tc, metrics_render);
+    tcase_add_test(tc, only_the_probe_decides);
+    tcase_add_test(tc, one_user_cannot_hold_it_open);
     suite_add_tcase(s, tc);
     return s;
 }

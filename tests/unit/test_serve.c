@@ -141,10 +141,27 @@ START_TEST(store_ids_differ_by_kind)
 }
 END_TEST
 
+/* An exp in the year 9999 (no iat): no overflow, a window where it
+ * belongs (UBSan in the sanitizer build fails on an overflow). */
+START_TEST(absurd_lifetime_does_not_overflow)
+{
+    cs_entry_t t = token(3600);
+    const cs_policy_t half = {SEC(60), 50};
+    apr_time_t at;
+    t.expires = apr_time_from_sec(253402300799LL); /* 9999-12-31 */
+    t.lifetime = t.expires - t.created;
+    at = cs_serve_refresh_at(&t, &half);
+    ck_assert(at > t.created && at < t.expires);
+    ck_assert_int_eq(cs_serve_decide(&t, NULL, T0 + SEC(1), &half),
+                     CS_DO_SERVE);
+}
+END_TEST
+
 Suite *serve_suite(void)
 {
     Suite *s = suite_create("serve");
     TCase *tc = tcase_create("decide");
+    tcase_add_test(tc, absurd_lifetime_does_not_overflow);
     tcase_add_test(tc, token_life_boundaries);
     tcase_add_test(tc, short_token_caps_min_ttl);
     tcase_add_test(tc, refresh_off_and_min_ttl_zero);
