@@ -26,8 +26,13 @@
 #include <apr_pools.h>
 #include <apr_time.h>
 
-/* The largest value a store is asked to hold. */
+/* The largest value a store is asked to hold. A fleet server's reply
+ * announcing a larger value is refused when its header is read, before any
+ * of the value is buffered. */
 #define CS_STORE_VALUE_MAX (16 * 1024)
+/* The largest reply to one operation: a value and its framing (the key,
+ * lengths and end markers of the Redis and memcached protocols). */
+#define CS_STORE_REPLY_MAX (CS_STORE_VALUE_MAX + 512)
 
 typedef struct cs_store cs_store_t;
 

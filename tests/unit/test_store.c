@@ -9,6 +9,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -749,6 +751,244 @@ START_TEST(ipv6_servers)
 }
 END_TEST
 
+/* ------------------------------------------------------ misbehaving servers */
+
+/* A fake server on 127.0.0.1, in a thread: it answers every request (any
+ * bytes the client sends) with `reply`, at once or one byte every
+ * dribble_ms, and keeps the connection until the client closes it. */
+typedef struct fake {
+    int fd, port;
+    const char *reply;
+    apr_size_t replylen;
+    int dribble_ms;
+    volatile int close_after; /* close once the reply is sent */
+    volatile int accepted;    /* connections so far */
+    volatile int stop;
+    pthread_t thread;
+} fake_t;
+
+/* Waits for fd to be readable, at most ms; 0 when it is not (or stop). */
+static int fake_wait(fake_t *f, int fd, int ms)
+{
+    for (int waited = 0; waited < ms && !f->stop; waited += 20) {
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        if (poll(&pfd, 1, 20) > 0)
+            return 1;
+    }
+    return 0;
+}
+
+static void fake_serve(fake_t *f, int fd)
+{
+    char req[4096];
+    while (!f->stop) {
+        ssize_t n;
+        if (!fake_wait(f, fd, 60000))
+            return;
+        n = recv(fd, req, sizeof(req), 0);
+        if (n <= 0)
+            return;
+        /* a request may come in pieces: let it all arrive */
+        while (fake_wait(f, fd, 20) && recv(fd, req, sizeof(req), 0) > 0)
+            ;
+        for (apr_size_t i = 0; i < f->replylen && !f->stop;) {
+            apr_size_t chunk = f->dribble_ms ? 1 : f->replylen - i;
+            if (send(fd, f->reply + i, chunk, MSG_NOSIGNAL) <= 0)
+                return;
+            i += chunk;
+            if (f->dribble_ms && i < f->replylen)
+                sleep_ms(f->dribble_ms);
+        }
+        if (f->close_after)
+            return;
+    }
+}
+
+static void *fake_main(void *data)
+{
+    fake_t *f = data;
+    while (!f->stop) {
+        int fd;
+        if (!fake_wait(f, f->fd, 100))
+            continue;
+        fd = accept(f->fd, NULL, NULL);
+        if (fd < 0)
+            continue;
+        __atomic_add_fetch(&f->accepted, 1, __ATOMIC_SEQ_CST);
+        fake_serve(f, fd);
+        close(fd);
+    }
+    return NULL;
+}
+
+static void fake_start(fake_t *f, const char *reply, apr_size_t replylen,
+                       int dribble_ms)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    socklen_t len = sizeof(a);
+    memset(f, 0, sizeof(*f));
+    f->reply = reply;
+    f->replylen = replylen;
+    f->dribble_ms = dribble_ms;
+    f->fd = socket(AF_INET, SOCK_STREAM, 0);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(bind(f->fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    ck_assert_int_eq(listen(f->fd, 16), 0);
+    ck_assert_int_eq(getsockname(f->fd, (struct sockaddr *)&a, &len), 0);
+    f->port = ntohs(a.sin_port);
+    ck_assert_int_eq(pthread_create(&f->thread, NULL, fake_main, f), 0);
+}
+
+static void fake_stop(fake_t *f)
+{
+    f->stop = 1;
+    pthread_join(f->thread, NULL);
+    close(f->fd);
+}
+
+/* A store of the given kind on the fake server, with that timeout. */
+static cs_store_t *fake_store(const fake_t *f, int redis_kind,
+                              apr_interval_time_t timeout)
+{
+    server_t s = {.redis = redis_kind, .port = f->port};
+    cs_store_opts_t o = {timeout, NULL, NULL};
+    cs_store_t *st = NULL;
+    const char *err = NULL;
+    apr_status_t rv =
+        (redis_kind ? cs_store_redis_create : cs_store_memcache_create)(
+            tp, spec_of(tp, &s, NULL), &o, &st, &err);
+    ck_assert_msg(rv == APR_SUCCESS, "create: %s", err);
+    return st;
+}
+
+/* A get from a server that dribbles its 10-byte answer, one byte every
+ * 200 ms, with a store timeout of 0.25 s and a far caller deadline: the
+ * whole operation ends by the deadline, not by one read's timeout. */
+static void check_dribble(int redis_kind, const char *reply)
+{
+    fake_t f;
+    cs_store_t *st;
+    char buf[64];
+    apr_size_t len = sizeof(buf);
+    apr_time_t t0, took;
+    apr_status_t rv;
+
+    fake_start(&f, reply, strlen(reply), 200);
+    st = fake_store(&f, redis_kind, MS(250));
+    t0 = apr_time_now();
+    rv = sget(st, "dribble", buf, &len, apr_time_from_sec(30));
+    took = apr_time_now() - t0;
+    fprintf(stderr,
+            "%s: a %d-byte reply dribbled 1 byte / 200 ms, store timeout "
+            "250 ms: one get took %d ms (%d: %s)\n",
+            redis_kind ? "redis" : "memcache", (int)strlen(reply),
+            (int)(took / 1000), rv, last_err ? last_err : "");
+    fake_stop(&f);
+    ck_assert_int_eq(rv, APR_TIMEUP);
+    ck_assert_msg(took < MS(250) + MARGIN, "took %d ms", (int)(took / 1000));
+}
+
+START_TEST(redis_dribbling_server_costs_one_deadline)
+{
+    check_dribble(1, "$4\r\nabcd\r\n");
+}
+END_TEST
+
+/* Each reply is refused at once with an error (not APR_NOTFOUND, not a
+ * wait for the deadline), and the connection is not used again: the next
+ * operation opens a new one. */
+static void check_refused(int redis_kind, const char *const *replies,
+                          int nreplies)
+{
+    for (int i = 0; i < nreplies; i++) {
+        fake_t f;
+        cs_store_t *st;
+        char buf[64];
+        apr_size_t len = sizeof(buf);
+        apr_time_t t0, took;
+        apr_status_t rv;
+
+        fake_start(&f, replies[i], strlen(replies[i]), 0);
+        st = fake_store(&f, redis_kind, 0);
+        for (int round = 1; round <= 2; round++) {
+            t0 = apr_time_now();
+            len = sizeof(buf);
+            rv = sget(st, "bad", buf, &len, apr_time_from_sec(2));
+            took = apr_time_now() - t0;
+            ck_assert_msg(rv != APR_SUCCESS && rv != APR_NOTFOUND &&
+                              rv != APR_TIMEUP,
+                          "reply %d (%.20s): status %d", i, replies[i], rv);
+            ck_assert_msg(last_err && *last_err, "reply %d: no message", i);
+            ck_assert_msg(took < apr_time_from_sec(1),
+                          "reply %d (%.20s) took %d ms", i, replies[i],
+                          (int)(took / 1000));
+            ck_assert_msg(f.accepted == round,
+                          "reply %d (%.20s): %d connections after %d gets", i,
+                          replies[i], f.accepted, round);
+        }
+        fake_stop(&f);
+    }
+}
+
+START_TEST(redis_refuses_oversize_and_aggregate_replies)
+{
+    /* CVE-2021-32765: a huge multi-bulk count never reaches hiredis */
+    static const char *const replies[] = {
+        "$1000000000\r\n",   "$16385\r\n",         "*4611686018427387904\r\n",
+        "*1\r\n$1\r\na\r\n", "%1\r\n+a\r\n+b\r\n", "~1\r\n+a\r\n",
+        ">1\r\n+a\r\n",      "|1\r\n+a\r\n+b\r\n",
+    };
+    check_refused(1, replies, sizeof(replies) / sizeof(replies[0]));
+}
+END_TEST
+
+START_TEST(redis_misbehaving_server_is_an_error)
+{
+    static const char *const replies[] = {
+        "hello\r\n",             /* garbage */
+        ":5\r\n",                /* the wrong type for GET */
+        "+OK\r\n",               /* the wrong type for GET */
+        "$abc\r\n",              /* a bad length */
+        "$3\r\nabcdef\r\n",      /* a bulk longer than announced */
+        "$4\r\nabcd\r\n+OK\r\n", /* a reply nobody asked for */
+    };
+    check_refused(1, replies, sizeof(replies) / sizeof(replies[0]));
+}
+END_TEST
+
+/* A server that closes the connection, before or in the middle of its
+ * reply: an error, not a miss. */
+START_TEST(closed_connection_is_an_error)
+{
+    static const char *const replies[2][3] = {
+        {"", "VALUE cardscan:78 0 4\r\nab", "EN"},
+        {"", "$4\r\nab", "+O"},
+    };
+    for (int redis_kind = 0; redis_kind <= 1; redis_kind++) {
+        for (int i = 0; i < 3; i++) {
+            const char *reply = replies[redis_kind][i];
+            fake_t f;
+            cs_store_t *st;
+            char buf[8];
+            apr_size_t len = sizeof(buf);
+            apr_time_t t0;
+            apr_status_t rv;
+            fake_start(&f, reply, strlen(reply), 0);
+            f.close_after = 1;
+            st = fake_store(&f, redis_kind, 0);
+            t0 = apr_time_now();
+            rv = sget(st, "x", buf, &len, apr_time_from_sec(2));
+            fake_stop(&f);
+            ck_assert_msg(rv != APR_SUCCESS && rv != APR_NOTFOUND &&
+                              rv != APR_TIMEUP,
+                          "%s, reply '%s': status %d",
+                          redis_kind ? "redis" : "memcache", reply, rv);
+            ck_assert_int_lt(apr_time_now() - t0, apr_time_from_sec(1));
+        }
+    }
+}
+END_TEST
+
 /* ---------------------------------------------------------- spec parsing */
 
 START_TEST(parses_server_lists)
@@ -908,6 +1148,7 @@ Suite *store_suite(void)
     Suite *s = suite_create("store");
     TCase *spec = tcase_create("spec");
     TCase *live = tcase_create("live");
+    TCase *fake = tcase_create("fake");
 
     tcase_add_checked_fixture(spec, pool_setup, pool_teardown);
     tcase_add_test(spec, parses_server_lists);
@@ -936,5 +1177,13 @@ Suite *store_suite(void)
     tcase_add_test(live, redis_servers_share_the_ids);
     tcase_add_test(live, ipv6_servers);
     suite_add_tcase(s, live);
+
+    tcase_add_checked_fixture(fake, pool_setup, pool_teardown);
+    tcase_set_timeout(fake, 60);
+    tcase_add_test(fake, redis_dribbling_server_costs_one_deadline);
+    tcase_add_test(fake, redis_refuses_oversize_and_aggregate_replies);
+    tcase_add_test(fake, redis_misbehaving_server_is_an_error);
+    tcase_add_test(fake, closed_connection_is_an_error);
+    suite_add_tcase(s, fake);
     return s;
 }
