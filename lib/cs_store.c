@@ -580,6 +580,12 @@ void cs_store_conn_close(cs_store_conn_t *c)
     }
 }
 
+int cs_store_conn_lost(apr_status_t rv)
+{
+    return rv == APR_EOF || APR_STATUS_IS_ECONNRESET(rv) ||
+           rv == APR_FROM_OS_ERROR(EPIPE);
+}
+
 int cs_store_conn_idle_ok(cs_store_conn_t *c)
 {
     struct pollfd pfd = {.fd = c->fd, .events = POLLIN};

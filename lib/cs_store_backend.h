@@ -137,6 +137,11 @@ apr_status_t cs_store_bytes(cs_store_conn_t *c, apr_size_t n,
                             apr_time_t deadline, const char **data,
                             apr_pool_t *p, const char **why);
 
+/* Whether a failure is a connection the server closed (or reset): an idle
+ * connection reused that meets it may be replaced once, for an operation
+ * that may run twice. */
+int cs_store_conn_lost(apr_status_t rv);
+
 /* Whether everything read has been consumed: more bytes after a complete
  * reply are a reply nobody asked for. */
 #define cs_store_conn_drained(c) ((c)->off == (c)->len)

@@ -29,7 +29,6 @@
 
 #include <apr_strings.h>
 #include <hiredis/hiredis.h>
-#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -357,14 +356,6 @@ static apr_status_t rd_connect(const rd_store_t *rs, const rd_server_t *srv,
     return APR_SUCCESS;
 }
 
-/* Whether a failure is a connection the server closed (or reset): a
- * reused idle connection that meets it may be replaced once. */
-static int conn_lost(apr_status_t rv)
-{
-    return rv == APR_EOF || APR_STATUS_IS_ECONNRESET(rv) ||
-           rv == APR_FROM_OS_ERROR(EPIPE);
-}
-
 /* Runs one command on srv. A connection taken from the idle set that turns
  * out closed (the server restarted, or dropped it) is replaced once, for
  * commands that may run twice. *unreachable: no connection could be made. */
@@ -400,7 +391,7 @@ static apr_status_t rd_call_on(rd_store_t *rs, rd_server_t *srv,
             return rv;
         }
         rd_close(c);
-        if (!conn_lost(rv) || !reused || !idempotent || attempt > 0)
+        if (!cs_store_conn_lost(rv) || !reused || !idempotent || attempt > 0)
             return rv;
     }
 }

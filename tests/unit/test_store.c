@@ -20,6 +20,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <libmemcached/memcached.h>
+
 #include "lib/cardscan.h"
 #include "lib/cs_store_backend.h"
 
@@ -726,6 +728,46 @@ START_TEST(redis_servers_share_the_ids)
 }
 END_TEST
 
+START_TEST(memcache_servers_as_libmemcached_chooses)
+{
+    /* two servers: each id lives where libmemcached's consistent
+     * distribution puts it, so web servers running an earlier version
+     * (libmemcached did the talking) and this one share the entries */
+    server_t b = {.redis = 0};
+    cs_store_opts_t o = {0, NULL, NULL};
+    cs_store_t *ab, *a_only;
+    memcached_st *mc = memcached_create(NULL);
+    const char *spec, *err;
+    int on_a = 0;
+    server_start(&b);
+    spec = apr_psprintf(tp, "127.0.0.1:%d,127.0.0.1:%d", memcache.port, b.port);
+    ck_assert_int_eq(cs_store_memcache_create(tp, spec, &o, &ab, &err),
+                     APR_SUCCESS);
+    a_only = store_of(&memcache, NULL, NULL, NULL);
+    ck_assert(memcached_success(
+        memcached_server_add(mc, "127.0.0.1", (in_port_t)memcache.port)));
+    ck_assert(memcached_success(
+        memcached_server_add(mc, "127.0.0.1", (in_port_t)b.port)));
+    ck_assert(memcached_success(
+        memcached_behavior_set(mc, MEMCACHED_BEHAVIOR_DISTRIBUTION,
+                               MEMCACHED_DISTRIBUTION_CONSISTENT)));
+    for (int i = 0; i < 20; i++) {
+        const char *id = apr_psprintf(tp, "ketama-%d", i);
+        char key[CS_STORE_KEY_MAX];
+        apr_size_t keylen =
+            cs_store_key(key, (const unsigned char *)id, strlen(id));
+        ck_assert(memcached_success(
+            memcached_set(mc, key, keylen, id, strlen(id), 60, 0)));
+        ck_assert_str_eq(value_of(ab, id), id);
+        on_a += *value_of(a_only, id) != '\0';
+    }
+    ck_assert_int_gt(on_a, 0);
+    ck_assert_int_lt(on_a, 20);
+    memcached_free(mc);
+    server_stop(&b);
+}
+END_TEST
+
 START_TEST(ipv6_servers)
 {
     server_t r6 = {.redis = 1, .v6 = 1}, m6 = {.redis = 0, .v6 = 1};
@@ -894,6 +936,12 @@ START_TEST(redis_dribbling_server_costs_one_deadline)
 }
 END_TEST
 
+START_TEST(memcache_dribbling_server_costs_one_deadline)
+{
+    check_dribble(0, "VALUE cardscan:64726962626c65 0 4\r\nabcd\r\nEND\r\n");
+}
+END_TEST
+
 /* Each reply is refused at once with an error (not APR_NOTFOUND, not a
  * wait for the deadline), and the connection is not used again: the next
  * operation opens a new one. */
@@ -953,6 +1001,32 @@ START_TEST(redis_misbehaving_server_is_an_error)
         "$4\r\nabcd\r\n+OK\r\n", /* a reply nobody asked for */
     };
     check_refused(1, replies, sizeof(replies) / sizeof(replies[0]));
+}
+END_TEST
+
+START_TEST(memcache_refuses_oversize_replies)
+{
+    static const char *const replies[] = {
+        "VALUE cardscan:626164 0 1000000000\r\n",
+        "VALUE cardscan:626164 0 16385\r\n",
+    };
+    check_refused(0, replies, sizeof(replies) / sizeof(replies[0]));
+}
+END_TEST
+
+START_TEST(memcache_misbehaving_server_is_an_error)
+{
+    static const char *const replies[] = {
+        "hello\r\n",
+        "ERROR\r\n",
+        "SERVER_ERROR out of memory\r\n",
+        "VALUE cardscan:6f74686572 0 1\r\na\r\nEND\r\n", /* another key */
+        "VALUE cardscan:626164 0 x\r\n",
+        "VALUE cardscan:626164 0 3\r\nabcdef\r\nEND\r\n",
+        "VALUE cardscan:626164 0 1\r\na\r\nEND\r\nEND\r\n",
+        "STORED\r\n",
+    };
+    check_refused(0, replies, sizeof(replies) / sizeof(replies[0]));
 }
 END_TEST
 
@@ -1175,14 +1249,18 @@ Suite *store_suite(void)
     tcase_add_test(live, redis_restart_reconnects);
     tcase_add_test(live, memcache_restart_reconnects);
     tcase_add_test(live, redis_servers_share_the_ids);
+    tcase_add_test(live, memcache_servers_as_libmemcached_chooses);
     tcase_add_test(live, ipv6_servers);
     suite_add_tcase(s, live);
 
     tcase_add_checked_fixture(fake, pool_setup, pool_teardown);
     tcase_set_timeout(fake, 60);
     tcase_add_test(fake, redis_dribbling_server_costs_one_deadline);
+    tcase_add_test(fake, memcache_dribbling_server_costs_one_deadline);
     tcase_add_test(fake, redis_refuses_oversize_and_aggregate_replies);
     tcase_add_test(fake, redis_misbehaving_server_is_an_error);
+    tcase_add_test(fake, memcache_refuses_oversize_replies);
+    tcase_add_test(fake, memcache_misbehaving_server_is_an_error);
     tcase_add_test(fake, closed_connection_is_an_error);
     suite_add_tcase(s, fake);
     return s;
