@@ -8,6 +8,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
@@ -768,6 +769,81 @@ START_TEST(memcache_servers_as_libmemcached_chooses)
 }
 END_TEST
 
+/* A resolver that counts its lookups and takes 300 ms for each. */
+static volatile int lookups;
+
+static int slow_counting_getaddrinfo(const char *node, const char *service,
+                                     const struct addrinfo *hints,
+                                     struct addrinfo **res)
+{
+    __atomic_add_fetch(&lookups, 1, __ATOMIC_SEQ_CST);
+    sleep_ms(300);
+    return getaddrinfo(node, service, hints, res);
+}
+
+/* A name is looked up once per process, not at every connect: neither
+ * after the server restarted (new connections), nor after connections
+ * failed (again at most every 30 s). Numeric addresses never are. */
+static void check_lookups(int redis_kind)
+{
+    server_t s = {.redis = redis_kind};
+    cs_store_opts_t o = {0, NULL, NULL};
+    cs_store_t *by_name, *by_addr, *v6;
+    const char *err;
+    char buf[8];
+    apr_size_t len = sizeof(buf);
+    apr_time_t t0;
+
+    server_start(&s);
+    cs_store_getaddrinfo = slow_counting_getaddrinfo;
+    lookups = 0;
+    ck_assert_int_eq(
+        (redis_kind ? cs_store_redis_create : cs_store_memcache_create)(
+            tp, apr_psprintf(tp, "localhost:%d", s.port), &o, &by_name, &err),
+        APR_SUCCESS);
+    by_addr = store_of(&s, NULL, NULL, NULL);
+    ck_assert_int_eq(
+        (redis_kind ? cs_store_redis_create
+                    : cs_store_memcache_create)(tp, "[::1]:1", &o, &v6, &err),
+        APR_SUCCESS);
+
+    ck_ok(sput(by_addr, "dns", "v", apr_time_from_sec(60), DEADLINE * 5));
+    ck_assert_int_ne(sget(v6, "dns", buf, &len, DEADLINE), APR_SUCCESS);
+    ck_assert_int_eq(lookups, 0);
+
+    ck_assert_str_eq(value_of(by_name, "dns"), "v");
+    ck_assert_int_eq(lookups, 1);
+    for (int round = 0; round < 2; round++) {
+        /* new connections: the server went away, then came back */
+        server_stop(&s);
+        len = sizeof(buf);
+        t0 = apr_time_now();
+        ck_assert_int_ne(sget(by_name, "dns", buf, &len, DEADLINE * 5),
+                         APR_SUCCESS);
+        ck_assert_int_lt(apr_time_now() - t0, MS(250));
+        server_start(&s);
+        t0 = apr_time_now();
+        ck_ok(sput(by_name, "dns", "w", apr_time_from_sec(60), DEADLINE * 5));
+        ck_assert_int_lt(apr_time_now() - t0, MS(250));
+        ck_assert_str_eq(value_of(by_name, "dns"), "w");
+    }
+    ck_assert_int_eq(lookups, 1);
+    cs_store_getaddrinfo = getaddrinfo;
+    server_stop(&s);
+}
+
+START_TEST(redis_looks_names_up_once)
+{
+    check_lookups(1);
+}
+END_TEST
+
+START_TEST(memcache_looks_names_up_once)
+{
+    check_lookups(0);
+}
+END_TEST
+
 START_TEST(ipv6_servers)
 {
     server_t r6 = {.redis = 1, .v6 = 1}, m6 = {.redis = 0, .v6 = 1};
@@ -1251,6 +1327,8 @@ Suite *store_suite(void)
     tcase_add_test(live, redis_servers_share_the_ids);
     tcase_add_test(live, memcache_servers_as_libmemcached_chooses);
     tcase_add_test(live, ipv6_servers);
+    tcase_add_test(live, redis_looks_names_up_once);
+    tcase_add_test(live, memcache_looks_names_up_once);
     suite_add_tcase(s, live);
 
     tcase_add_checked_fixture(fake, pool_setup, pool_teardown);
