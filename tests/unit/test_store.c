@@ -1022,7 +1022,7 @@ END_TEST
  * wait for the deadline), and the connection is not used again: the next
  * operation opens a new one. */
 static void check_refused(int redis_kind, const char *const *replies,
-                          int nreplies)
+                          int nreplies, const char *says)
 {
     for (int i = 0; i < nreplies; i++) {
         fake_t f;
@@ -1043,6 +1043,9 @@ static void check_refused(int redis_kind, const char *const *replies,
                               rv != APR_TIMEUP,
                           "reply %d (%.20s): status %d", i, replies[i], rv);
             ck_assert_msg(last_err && *last_err, "reply %d: no message", i);
+            /* refused by the store itself, before hiredis parses it */
+            ck_assert_msg(!says || strstr(last_err, says),
+                          "reply %d (%.20s): %s", i, replies[i], last_err);
             ck_assert_msg(took < apr_time_from_sec(1),
                           "reply %d (%.20s) took %d ms", i, replies[i],
                           (int)(took / 1000));
@@ -1057,12 +1060,18 @@ static void check_refused(int redis_kind, const char *const *replies,
 START_TEST(redis_refuses_oversize_and_aggregate_replies)
 {
     /* CVE-2021-32765: a huge multi-bulk count never reaches hiredis */
-    static const char *const replies[] = {
-        "$1000000000\r\n",   "$16385\r\n",         "*4611686018427387904\r\n",
-        "*1\r\n$1\r\na\r\n", "%1\r\n+a\r\n+b\r\n", "~1\r\n+a\r\n",
-        ">1\r\n+a\r\n",      "|1\r\n+a\r\n+b\r\n",
+    static const char *const oversize[] = {"$1000000000\r\n", "$16385\r\n"};
+    static const char *const aggregates[] = {
+        "*4611686018427387904\r\n",
+        "*1\r\n$1\r\na\r\n",
+        "%1\r\n+a\r\n+b\r\n",
+        "~1\r\n+a\r\n",
+        ">1\r\n+a\r\n",
+        "|1\r\n+a\r\n+b\r\n",
     };
-    check_refused(1, replies, sizeof(replies) / sizeof(replies[0]));
+    check_refused(1, oversize, 2, "more than an entry can be");
+    check_refused(1, aggregates, sizeof(aggregates) / sizeof(aggregates[0]),
+                  "aggregate");
 }
 END_TEST
 
@@ -1076,7 +1085,7 @@ START_TEST(redis_misbehaving_server_is_an_error)
         "$3\r\nabcdef\r\n",      /* a bulk longer than announced */
         "$4\r\nabcd\r\n+OK\r\n", /* a reply nobody asked for */
     };
-    check_refused(1, replies, sizeof(replies) / sizeof(replies[0]));
+    check_refused(1, replies, sizeof(replies) / sizeof(replies[0]), NULL);
 }
 END_TEST
 
@@ -1086,7 +1095,8 @@ START_TEST(memcache_refuses_oversize_replies)
         "VALUE cardscan:626164 0 1000000000\r\n",
         "VALUE cardscan:626164 0 16385\r\n",
     };
-    check_refused(0, replies, sizeof(replies) / sizeof(replies[0]));
+    check_refused(0, replies, sizeof(replies) / sizeof(replies[0]),
+                  "more than an entry can be");
 }
 END_TEST
 
@@ -1102,7 +1112,7 @@ START_TEST(memcache_misbehaving_server_is_an_error)
         "VALUE cardscan:626164 0 1\r\na\r\nEND\r\nEND\r\n",
         "STORED\r\n",
     };
-    check_refused(0, replies, sizeof(replies) / sizeof(replies[0]));
+    check_refused(0, replies, sizeof(replies) / sizeof(replies[0]), NULL);
 }
 END_TEST
 
