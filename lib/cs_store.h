@@ -2,23 +2,48 @@
  * mod_cardscan token stores: where sealed entries live. One interface for
  * every backend, so the serving path never knows which one it talks to:
  * shmcb through httpd's socache for one server (in mod_cardscan.c, which
- * owns the httpd side), Redis (hiredis) and memcached (libmemcached) for a
- * fleet (lib/cs_store_redis.c, lib/cs_store_memcache.c).
+ * owns the httpd side), Redis and memcached for a fleet
+ * (lib/cs_store_redis.c, lib/cs_store_memcache.c, over the sockets of
+ * lib/cs_store.c).
  *
- * Every operation takes an absolute deadline (apr_time_t): past it the
- * operation gives up with APR_TIMEUP and the caller goes on as if the store
- * had missed. Operations are called from many threads of one process at
- * once (worker and event MPMs, the refresh threads): a backend keeps its
- * own per-process connections and is safe to call concurrently. A backend
+ * Every operation takes an absolute deadline (apr_time_t), and the fleet
+ * backends bound the whole operation by it (the earlier of it and now +
+ * their own timeout): name lookup aside (see lib/cs_store.c), connecting,
+ * sending and every byte of the reply end by then, or the operation gives
+ * up with APR_TIMEUP and the caller goes on as if the store had missed.
+ * Operations are called from many threads of one process at once (worker
+ * and event MPMs, the refresh threads): a backend keeps its own
+ * per-process connections and is safe to call concurrently. A backend
  * never connects in the parent process: connections are opened lazily, in
- * the child that uses them.
+ * the child that uses them, and never cross a fork.
  *
- * Status convention: APR_SUCCESS; APR_NOTFOUND (get: no entry);
- * APR_EEXIST (add: the key exists); APR_TIMEUP (deadline passed);
- * APR_EACCES (the server refused our credentials: the caller names it once
- * in the error log); any other
- * status is a failure, with *err set to a message safe to log (never a
- * secret, never an entry's content).
+ * Statuses. The caller (the shell) starts its back-off, leaving the store
+ * alone for a while, on any status but the first four:
+ *   APR_SUCCESS    done;
+ *   APR_NOTFOUND   get: no entry (absent or expired) - a real answer of
+ *                  the server, never a failure in disguise;
+ *   APR_EEXIST     add: the key holds a value already;
+ *   APR_ENOLOCK    shmcb only: the store is going away (a graceful restart
+ *                  replaced it); treated as a miss, not a failure;
+ *   APR_TIMEUP     the deadline passed (connecting, sending or reading);
+ *   APR_EACCES     the server refused our credentials or permissions: the
+ *                  caller names it once in the error log;
+ *   APR_ENOSPC     get: the entry is larger than the caller's buffer (for
+ *                  shmcb, put: no room);
+ *   APR_EINVAL     an id or a value the store cannot take (the caller's
+ *                  bug: nothing was sent);
+ *   APR_EGENERAL   the server misbehaved: garbage, a reply of the wrong
+ *                  type, a protocol error, a reply announcing more than
+ *                  CS_STORE_VALUE_MAX bytes (refused by its header), a reply
+ *                  nobody asked for, an error reply; or a name that cannot
+ *                  be looked up;
+ *   APR_EOF, other OS errors (ECONNREFUSED, ECONNRESET ...): the server
+ *                  closed the connection, or it could not be made.
+ * After a timeout, a socket error or a misbehaving server the connection
+ * is closed, and the next operation opens a new one; after an error reply
+ * or APR_ENOSPC (the exchange completed in step) it is kept. On every status
+ * but APR_SUCCESS, APR_NOTFOUND and APR_EEXIST, *err is set to a message safe
+ * to log (never a secret, never an entry's content).
  */
 #ifndef CS_STORE_H
 #define CS_STORE_H
@@ -26,8 +51,13 @@
 #include <apr_pools.h>
 #include <apr_time.h>
 
-/* The largest value a store is asked to hold. */
+/* The largest value a store is asked to hold. A fleet server's reply
+ * announcing a larger value is refused when its header is read, before any
+ * of the value is buffered. */
 #define CS_STORE_VALUE_MAX (16 * 1024)
+/* The largest reply to one operation: a value and its framing (the key,
+ * lengths and end markers of the Redis and memcached protocols). */
+#define CS_STORE_REPLY_MAX (CS_STORE_VALUE_MAX + 512)
 
 typedef struct cs_store cs_store_t;
 

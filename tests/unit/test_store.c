@@ -8,7 +8,10 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +20,8 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <libmemcached/memcached.h>
 
 #include "lib/cardscan.h"
 #include "lib/cs_store_backend.h"
@@ -724,6 +729,121 @@ START_TEST(redis_servers_share_the_ids)
 }
 END_TEST
 
+START_TEST(memcache_servers_as_libmemcached_chooses)
+{
+    /* two servers: each id lives where libmemcached's consistent
+     * distribution puts it, so web servers running an earlier version
+     * (libmemcached did the talking) and this one share the entries */
+    server_t b = {.redis = 0};
+    cs_store_opts_t o = {0, NULL, NULL};
+    cs_store_t *ab, *a_only;
+    memcached_st *mc = memcached_create(NULL);
+    const char *spec, *err;
+    int on_a = 0;
+    server_start(&b);
+    spec = apr_psprintf(tp, "127.0.0.1:%d,127.0.0.1:%d", memcache.port, b.port);
+    ck_assert_int_eq(cs_store_memcache_create(tp, spec, &o, &ab, &err),
+                     APR_SUCCESS);
+    a_only = store_of(&memcache, NULL, NULL, NULL);
+    ck_assert(memcached_success(
+        memcached_server_add(mc, "127.0.0.1", (in_port_t)memcache.port)));
+    ck_assert(memcached_success(
+        memcached_server_add(mc, "127.0.0.1", (in_port_t)b.port)));
+    ck_assert(memcached_success(
+        memcached_behavior_set(mc, MEMCACHED_BEHAVIOR_DISTRIBUTION,
+                               MEMCACHED_DISTRIBUTION_CONSISTENT)));
+    for (int i = 0; i < 20; i++) {
+        const char *id = apr_psprintf(tp, "ketama-%d", i);
+        char key[CS_STORE_KEY_MAX];
+        apr_size_t keylen =
+            cs_store_key(key, (const unsigned char *)id, strlen(id));
+        ck_assert(memcached_success(
+            memcached_set(mc, key, keylen, id, strlen(id), 60, 0)));
+        ck_assert_str_eq(value_of(ab, id), id);
+        on_a += *value_of(a_only, id) != '\0';
+    }
+    ck_assert_int_gt(on_a, 0);
+    ck_assert_int_lt(on_a, 20);
+    memcached_free(mc);
+    server_stop(&b);
+}
+END_TEST
+
+/* A resolver that counts its lookups and takes 300 ms for each. */
+static volatile int lookups;
+
+static int slow_counting_getaddrinfo(const char *node, const char *service,
+                                     const struct addrinfo *hints,
+                                     struct addrinfo **res)
+{
+    __atomic_add_fetch(&lookups, 1, __ATOMIC_SEQ_CST);
+    sleep_ms(300);
+    return getaddrinfo(node, service, hints, res);
+}
+
+/* A name is looked up once per process, not at every connect: neither
+ * after the server restarted (new connections), nor after connections
+ * failed (again at most every 30 s). Numeric addresses never are. */
+static void check_lookups(int redis_kind)
+{
+    server_t s = {.redis = redis_kind};
+    cs_store_opts_t o = {0, NULL, NULL};
+    cs_store_t *by_name, *by_addr, *v6;
+    const char *err;
+    char buf[8];
+    apr_size_t len = sizeof(buf);
+    apr_time_t t0;
+
+    server_start(&s);
+    cs_store_getaddrinfo = slow_counting_getaddrinfo;
+    lookups = 0;
+    ck_assert_int_eq(
+        (redis_kind ? cs_store_redis_create : cs_store_memcache_create)(
+            tp, apr_psprintf(tp, "localhost:%d", s.port), &o, &by_name, &err),
+        APR_SUCCESS);
+    by_addr = store_of(&s, NULL, NULL, NULL);
+    ck_assert_int_eq(
+        (redis_kind ? cs_store_redis_create
+                    : cs_store_memcache_create)(tp, "[::1]:1", &o, &v6, &err),
+        APR_SUCCESS);
+
+    ck_ok(sput(by_addr, "dns", "v", apr_time_from_sec(60), DEADLINE * 5));
+    ck_assert_int_ne(sget(v6, "dns", buf, &len, DEADLINE), APR_SUCCESS);
+    ck_assert_int_eq(lookups, 0);
+
+    ck_assert_str_eq(value_of(by_name, "dns"), "v");
+    ck_assert_int_eq(lookups, 1);
+    for (int round = 0; round < 2; round++) {
+        /* new connections: the server went away, then came back */
+        server_stop(&s);
+        len = sizeof(buf);
+        t0 = apr_time_now();
+        ck_assert_int_ne(sget(by_name, "dns", buf, &len, DEADLINE * 5),
+                         APR_SUCCESS);
+        ck_assert_int_lt(apr_time_now() - t0, MS(250));
+        server_start(&s);
+        t0 = apr_time_now();
+        ck_ok(sput(by_name, "dns", "w", apr_time_from_sec(60), DEADLINE * 5));
+        ck_assert_int_lt(apr_time_now() - t0, MS(250));
+        ck_assert_str_eq(value_of(by_name, "dns"), "w");
+    }
+    ck_assert_int_eq(lookups, 1);
+    cs_store_getaddrinfo = getaddrinfo;
+    server_stop(&s);
+}
+
+START_TEST(redis_looks_names_up_once)
+{
+    check_lookups(1);
+}
+END_TEST
+
+START_TEST(memcache_looks_names_up_once)
+{
+    check_lookups(0);
+}
+END_TEST
+
 START_TEST(ipv6_servers)
 {
     server_t r6 = {.redis = 1, .v6 = 1}, m6 = {.redis = 0, .v6 = 1};
@@ -746,6 +866,286 @@ START_TEST(ipv6_servers)
     ck_assert_str_eq(value_of(store_of(&m6, NULL, NULL, NULL), "v6"), "m");
     server_stop(&r6);
     server_stop(&m6);
+}
+END_TEST
+
+/* ------------------------------------------------------ misbehaving servers */
+
+/* A fake server on 127.0.0.1, in a thread: it answers every request (any
+ * bytes the client sends) with `reply`, at once or one byte every
+ * dribble_ms, and keeps the connection until the client closes it. */
+typedef struct fake {
+    int fd, port;
+    const char *reply;
+    apr_size_t replylen;
+    int dribble_ms;
+    volatile int close_after; /* close once the reply is sent */
+    volatile int accepted;    /* connections so far */
+    volatile int stop;
+    pthread_t thread;
+} fake_t;
+
+/* Waits for fd to be readable, at most ms; 0 when it is not (or stop). */
+static int fake_wait(fake_t *f, int fd, int ms)
+{
+    for (int waited = 0; waited < ms && !f->stop; waited += 20) {
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        if (poll(&pfd, 1, 20) > 0)
+            return 1;
+    }
+    return 0;
+}
+
+static void fake_serve(fake_t *f, int fd)
+{
+    char req[4096];
+    while (!f->stop) {
+        ssize_t n;
+        if (!fake_wait(f, fd, 60000))
+            return;
+        n = recv(fd, req, sizeof(req), 0);
+        if (n <= 0)
+            return;
+        /* a request may come in pieces: let it all arrive */
+        while (fake_wait(f, fd, 20) && recv(fd, req, sizeof(req), 0) > 0)
+            ;
+        for (apr_size_t i = 0; i < f->replylen && !f->stop;) {
+            apr_size_t chunk = f->dribble_ms ? 1 : f->replylen - i;
+            if (send(fd, f->reply + i, chunk, MSG_NOSIGNAL) <= 0)
+                return;
+            i += chunk;
+            if (f->dribble_ms && i < f->replylen)
+                sleep_ms(f->dribble_ms);
+        }
+        if (f->close_after)
+            return;
+    }
+}
+
+static void *fake_main(void *data)
+{
+    fake_t *f = data;
+    while (!f->stop) {
+        int fd;
+        if (!fake_wait(f, f->fd, 100))
+            continue;
+        fd = accept(f->fd, NULL, NULL);
+        if (fd < 0)
+            continue;
+        __atomic_add_fetch(&f->accepted, 1, __ATOMIC_SEQ_CST);
+        fake_serve(f, fd);
+        close(fd);
+    }
+    return NULL;
+}
+
+static void fake_start(fake_t *f, const char *reply, apr_size_t replylen,
+                       int dribble_ms)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    socklen_t len = sizeof(a);
+    memset(f, 0, sizeof(*f));
+    f->reply = reply;
+    f->replylen = replylen;
+    f->dribble_ms = dribble_ms;
+    f->fd = socket(AF_INET, SOCK_STREAM, 0);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(bind(f->fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    ck_assert_int_eq(listen(f->fd, 16), 0);
+    ck_assert_int_eq(getsockname(f->fd, (struct sockaddr *)&a, &len), 0);
+    f->port = ntohs(a.sin_port);
+    ck_assert_int_eq(pthread_create(&f->thread, NULL, fake_main, f), 0);
+}
+
+static void fake_stop(fake_t *f)
+{
+    f->stop = 1;
+    pthread_join(f->thread, NULL);
+    close(f->fd);
+}
+
+/* A store of the given kind on the fake server, with that timeout. */
+static cs_store_t *fake_store(const fake_t *f, int redis_kind,
+                              apr_interval_time_t timeout)
+{
+    server_t s = {.redis = redis_kind, .port = f->port};
+    cs_store_opts_t o = {timeout, NULL, NULL};
+    cs_store_t *st = NULL;
+    const char *err = NULL;
+    apr_status_t rv =
+        (redis_kind ? cs_store_redis_create : cs_store_memcache_create)(
+            tp, spec_of(tp, &s, NULL), &o, &st, &err);
+    ck_assert_msg(rv == APR_SUCCESS, "create: %s", err);
+    return st;
+}
+
+/* A get from a server that dribbles its 10-byte answer, one byte every
+ * 200 ms, with a store timeout of 0.25 s and a far caller deadline: the
+ * whole operation ends by the deadline, not by one read's timeout. */
+static void check_dribble(int redis_kind, const char *reply)
+{
+    fake_t f;
+    cs_store_t *st;
+    char buf[64];
+    apr_size_t len = sizeof(buf);
+    apr_time_t t0, took;
+    apr_status_t rv;
+
+    fake_start(&f, reply, strlen(reply), 200);
+    st = fake_store(&f, redis_kind, MS(250));
+    t0 = apr_time_now();
+    rv = sget(st, "dribble", buf, &len, apr_time_from_sec(30));
+    took = apr_time_now() - t0;
+    fprintf(stderr,
+            "%s: a %d-byte reply dribbled 1 byte / 200 ms, store timeout "
+            "250 ms: one get took %d ms (%d: %s)\n",
+            redis_kind ? "redis" : "memcache", (int)strlen(reply),
+            (int)(took / 1000), rv, last_err ? last_err : "");
+    fake_stop(&f);
+    ck_assert_int_eq(rv, APR_TIMEUP);
+    ck_assert_msg(took < MS(250) + MARGIN, "took %d ms", (int)(took / 1000));
+}
+
+START_TEST(redis_dribbling_server_costs_one_deadline)
+{
+    check_dribble(1, "$4\r\nabcd\r\n");
+}
+END_TEST
+
+START_TEST(memcache_dribbling_server_costs_one_deadline)
+{
+    check_dribble(0, "VALUE cardscan:64726962626c65 0 4\r\nabcd\r\nEND\r\n");
+}
+END_TEST
+
+/* Each reply is refused at once with an error (not APR_NOTFOUND, not a
+ * wait for the deadline), and the connection is not used again: the next
+ * operation opens a new one. */
+static void check_refused(int redis_kind, const char *const *replies,
+                          int nreplies, const char *says)
+{
+    for (int i = 0; i < nreplies; i++) {
+        fake_t f;
+        cs_store_t *st;
+        char buf[64];
+        apr_size_t len = sizeof(buf);
+        apr_time_t t0, took;
+        apr_status_t rv;
+
+        fake_start(&f, replies[i], strlen(replies[i]), 0);
+        st = fake_store(&f, redis_kind, 0);
+        for (int round = 1; round <= 2; round++) {
+            t0 = apr_time_now();
+            len = sizeof(buf);
+            rv = sget(st, "bad", buf, &len, apr_time_from_sec(2));
+            took = apr_time_now() - t0;
+            ck_assert_msg(rv != APR_SUCCESS && rv != APR_NOTFOUND &&
+                              rv != APR_TIMEUP,
+                          "reply %d (%.20s): status %d", i, replies[i], rv);
+            ck_assert_msg(last_err && *last_err, "reply %d: no message", i);
+            /* refused by the store itself, before hiredis parses it */
+            ck_assert_msg(!says || strstr(last_err, says),
+                          "reply %d (%.20s): %s", i, replies[i], last_err);
+            ck_assert_msg(took < apr_time_from_sec(1),
+                          "reply %d (%.20s) took %d ms", i, replies[i],
+                          (int)(took / 1000));
+            ck_assert_msg(f.accepted == round,
+                          "reply %d (%.20s): %d connections after %d gets", i,
+                          replies[i], f.accepted, round);
+        }
+        fake_stop(&f);
+    }
+}
+
+START_TEST(redis_refuses_oversize_and_aggregate_replies)
+{
+    /* CVE-2021-32765: a huge multi-bulk count never reaches hiredis */
+    static const char *const oversize[] = {"$1000000000\r\n", "$16385\r\n"};
+    static const char *const aggregates[] = {
+        "*4611686018427387904\r\n",
+        "*1\r\n$1\r\na\r\n",
+        "%1\r\n+a\r\n+b\r\n",
+        "~1\r\n+a\r\n",
+        ">1\r\n+a\r\n",
+        "|1\r\n+a\r\n+b\r\n",
+    };
+    check_refused(1, oversize, 2, "more than an entry can be");
+    check_refused(1, aggregates, sizeof(aggregates) / sizeof(aggregates[0]),
+                  "aggregate");
+}
+END_TEST
+
+START_TEST(redis_misbehaving_server_is_an_error)
+{
+    static const char *const replies[] = {
+        "hello\r\n",             /* garbage */
+        ":5\r\n",                /* the wrong type for GET */
+        "+OK\r\n",               /* the wrong type for GET */
+        "$abc\r\n",              /* a bad length */
+        "$3\r\nabcdef\r\n",      /* a bulk longer than announced */
+        "$4\r\nabcd\r\n+OK\r\n", /* a reply nobody asked for */
+    };
+    check_refused(1, replies, sizeof(replies) / sizeof(replies[0]), NULL);
+}
+END_TEST
+
+START_TEST(memcache_refuses_oversize_replies)
+{
+    static const char *const replies[] = {
+        "VALUE cardscan:626164 0 1000000000\r\n",
+        "VALUE cardscan:626164 0 16385\r\n",
+    };
+    check_refused(0, replies, sizeof(replies) / sizeof(replies[0]),
+                  "more than an entry can be");
+}
+END_TEST
+
+START_TEST(memcache_misbehaving_server_is_an_error)
+{
+    static const char *const replies[] = {
+        "hello\r\n",
+        "ERROR\r\n",
+        "SERVER_ERROR out of memory\r\n",
+        "VALUE cardscan:6f74686572 0 1\r\na\r\nEND\r\n", /* another key */
+        "VALUE cardscan:626164 0 x\r\n",
+        "VALUE cardscan:626164 0 3\r\nabcdef\r\nEND\r\n",
+        "VALUE cardscan:626164 0 1\r\na\r\nEND\r\nEND\r\n",
+        "STORED\r\n",
+    };
+    check_refused(0, replies, sizeof(replies) / sizeof(replies[0]), NULL);
+}
+END_TEST
+
+/* A server that closes the connection, before or in the middle of its
+ * reply: an error, not a miss. */
+START_TEST(closed_connection_is_an_error)
+{
+    static const char *const replies[2][3] = {
+        {"", "VALUE cardscan:78 0 4\r\nab", "EN"},
+        {"", "$4\r\nab", "+O"},
+    };
+    for (int redis_kind = 0; redis_kind <= 1; redis_kind++) {
+        for (int i = 0; i < 3; i++) {
+            const char *reply = replies[redis_kind][i];
+            fake_t f;
+            cs_store_t *st;
+            char buf[8];
+            apr_size_t len = sizeof(buf);
+            apr_time_t t0;
+            apr_status_t rv;
+            fake_start(&f, reply, strlen(reply), 0);
+            f.close_after = 1;
+            st = fake_store(&f, redis_kind, 0);
+            t0 = apr_time_now();
+            rv = sget(st, "x", buf, &len, apr_time_from_sec(2));
+            fake_stop(&f);
+            ck_assert_msg(rv != APR_SUCCESS && rv != APR_NOTFOUND &&
+                              rv != APR_TIMEUP,
+                          "%s, reply '%s': status %d",
+                          redis_kind ? "redis" : "memcache", reply, rv);
+            ck_assert_int_lt(apr_time_now() - t0, apr_time_from_sec(1));
+        }
+    }
 }
 END_TEST
 
@@ -908,6 +1308,7 @@ Suite *store_suite(void)
     Suite *s = suite_create("store");
     TCase *spec = tcase_create("spec");
     TCase *live = tcase_create("live");
+    TCase *fake = tcase_create("fake");
 
     tcase_add_checked_fixture(spec, pool_setup, pool_teardown);
     tcase_add_test(spec, parses_server_lists);
@@ -934,7 +1335,21 @@ Suite *store_suite(void)
     tcase_add_test(live, redis_restart_reconnects);
     tcase_add_test(live, memcache_restart_reconnects);
     tcase_add_test(live, redis_servers_share_the_ids);
+    tcase_add_test(live, memcache_servers_as_libmemcached_chooses);
     tcase_add_test(live, ipv6_servers);
+    tcase_add_test(live, redis_looks_names_up_once);
+    tcase_add_test(live, memcache_looks_names_up_once);
     suite_add_tcase(s, live);
+
+    tcase_add_checked_fixture(fake, pool_setup, pool_teardown);
+    tcase_set_timeout(fake, 60);
+    tcase_add_test(fake, redis_dribbling_server_costs_one_deadline);
+    tcase_add_test(fake, memcache_dribbling_server_costs_one_deadline);
+    tcase_add_test(fake, redis_refuses_oversize_and_aggregate_replies);
+    tcase_add_test(fake, redis_misbehaving_server_is_an_error);
+    tcase_add_test(fake, memcache_refuses_oversize_replies);
+    tcase_add_test(fake, memcache_misbehaving_server_is_an_error);
+    tcase_add_test(fake, closed_connection_is_an_error);
+    suite_add_tcase(s, fake);
     return s;
 }
