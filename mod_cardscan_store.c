@@ -152,8 +152,15 @@ int cs_store_read(cs_call *c, cs_id_kind_e kind, cs_entry_t *e)
             store_failed(c, rv, "read", err);
         return 0;
     }
-    if (cs_entry_open(c->p, seal_key(c->d->key, &tmp), entry_aad(c, kind), buf,
-                      len, e, &err) != APR_SUCCESS) {
+    rv = cs_entry_open(c->p, seal_key(c->d->key, &tmp), entry_aad(c, kind), buf,
+                       len, e, &err);
+    if (rv == APR_EMISMATCH) {
+        /* no entry at all: a cache server that answers garbage is a failing
+         * one, left alone for a while like any other */
+        store_failed(c, rv, "read", err);
+        return 0;
+    }
+    if (rv != APR_SUCCESS) {
         /* servers with different CardScanCacheSecret would keep replacing
          * each other's entries: not a warning per request */
         int level = warn_level(&st.entry_warned);

@@ -200,7 +200,10 @@ apr_status_t cs_entry_seal(apr_pool_t *p, const cs_key_t *key, const char *id,
                            apr_size_t *outlen, const char **err);
 
 /* Opens a sealed entry. A tampered, truncated or foreign entry is an
- * error (the caller treats it as a miss). */
+ * error (the caller treats it as a miss): APR_EMISMATCH when the bytes are
+ * no sealed entry at all (a cache server answering garbage), APR_EINVAL
+ * when a well-formed entry does not open (sealed with another key, or
+ * tampered with). */
 apr_status_t cs_entry_open(apr_pool_t *p, const cs_key_t *key, const char *id,
                            const unsigned char *in, apr_size_t inlen,
                            cs_entry_t *e, const char **err);

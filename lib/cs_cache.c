@@ -182,7 +182,7 @@ apr_status_t cs_entry_open(apr_pool_t *p, const cs_key_t *key, const char *id,
     if (inlen < 1 + NONCE_LEN + ENTRY_HEADER + TAG_LEN ||
         in[0] != SEAL_VERSION || inlen > 1024 * 1024 + 1024) {
         *err = "the cache entry is not a mod_cardscan entry";
-        return APR_EINVAL;
+        return APR_EMISMATCH;
     }
     plen = inlen - 1 - NONCE_LEN - TAG_LEN;
     plain = apr_palloc(p, plen + 1);

@@ -17,6 +17,14 @@ REDIS = shutil.which("redis-server")
 MEMCACHED = shutil.which("memcached")
 
 
+
+def token_key(redis):
+    """The Redis key of the (only) user's token entry: store ids end in
+    the entry kind's tag, T (hex 54) for a token."""
+    keys = [k for k in redis.keys() if k.endswith(b"54")]
+    assert len(keys) == 1, keys
+    return keys[0]
+
 class Redis:
     def __init__(self, port=None):
         self.port = port or free_port()
@@ -167,21 +175,23 @@ class FleetTests(MockTestCase):
         status, _, _, doc = servers[0].request(user="alice")
         self.assertEqual(status, 200)
         keys = self.redis.keys()
-        self.assertEqual(len(keys), 1, keys)
-        value = self.redis.value("GET", keys[0])
-        self.assertTrue(value)
+        # the user's token and identity pin (store ids end in the kind's tag)
+        self.assertEqual(sorted(k[-2:] for k in keys), [b"50", b"54"], keys)
         token = doc["Token"].encode()
-        for secret in (token, token.split(b".")[1], token.split(b".")[2][:40], b"alice", TEST_KEY.encode(),
-                       doc["IdentityId"].encode(), doc["session_id"].encode()):
-            self.assertNotIn(secret, value)
-            self.assertNotIn(secret, keys[0])
+        for key in keys:
+            value = self.redis.value("GET", key)
+            self.assertTrue(value)
+            for secret in (token, token.split(b".")[1], token.split(b".")[2][:40], b"alice", TEST_KEY.encode(),
+                           doc["IdentityId"].encode(), doc["session_id"].encode()):
+                self.assertNotIn(secret, value)
+                self.assertNotIn(secret, key)
 
     def test_tampered_entry_is_a_miss_and_logged(self):
         # the tampered entry is read by the second server: the first keeps a
         # process-local copy of what it just served for a second
         servers = self.two_servers("redis:127.0.0.1:%d" % self.redis.port)
         first = servers[0].request(user="alice")[3]["Token"]
-        key = self.redis.keys()[0]
+        key = token_key(self.redis)
         value = bytearray(self.redis.value("GET", key))
         value[len(value) // 2] ^= 0x01
         self.redis.command("SET", key, bytes(value))
@@ -192,6 +202,19 @@ class FleetTests(MockTestCase):
         self.assertEqual(self.mock.calls(), 2)
         self.assertIn("ignoring a cache entry", servers[1].log())
 
+    def test_garbage_entry_starts_the_back_off(self):
+        """A cache server that answers with something that is no entry at
+        all is a failing one: the back-off starts (AH10527)."""
+        servers = self.two_servers("redis:127.0.0.1:%d" % self.redis.port)
+        servers[0].request(user="alice")
+        self.redis.command("SET", token_key(self.redis), b"not an entry at all")
+        status, _, _, doc = servers[1].request(user="alice")
+        self.assertEqual(status, 200)
+        self.assertEqual(jwt_payload(doc["Token"])["sub"], "alice")
+        log = servers[1].log()
+        self.assertIn("AH10527", log)
+        self.assertIn("not a mod_cardscan entry", log)
+
     def test_tenants_with_different_keys_share_nothing(self):
         cache = "redis:127.0.0.1:%d" % self.redis.port
         a = self.apache(global_conf=fleet_conf(self.mock, cache))
@@ -200,7 +223,7 @@ class FleetTests(MockTestCase):
         tb = b.request()[3]["Token"]
         self.assertNotEqual(ta, tb)
         self.assertEqual(self.mock.calls(), 2)
-        self.assertEqual(len(self.redis.keys()), 2)
+        self.assertEqual(len([k for k in self.redis.keys() if k.endswith(b"54")]), 2)
         self.assertEqual(a.request()[3]["Token"], ta)
         self.assertEqual(b.request()[3]["Token"], tb)
 
