@@ -457,6 +457,16 @@ typedef enum {
 void cs_store_id(const unsigned char key[CS_CACHE_KEY_LEN], cs_id_kind_e kind,
                  unsigned char out[CS_STORE_ID_LEN]);
 
+/* The holder of a user's call lock, from the lock's value
+ * "host/pid/counter/time" (the shell makes it when it takes the lock): a
+ * lock whose holder process is gone from this host can be taken over. The
+ * value comes from a shared store, not NUL-terminated: anything but that
+ * form (an empty or oversized host, a pid that is not a positive decimal
+ * number, a missing or non-numeric field) is refused with APR_EINVAL. host
+ * receives the host tag NUL-terminated in at most hostsize bytes. */
+apr_status_t cs_lock_holder_parse(const char *value, apr_size_t len, char *host,
+                                  apr_size_t hostsize, long *pid);
+
 /* --------------------------------------------------------- call policy */
 
 /* What an API reply means for the client (lib/cs_policy.c). */
