@@ -1,6 +1,7 @@
 """A child's life and death, against a real apache2 and the bundled mock:
-a child that died while calling for a user does not make that user wait
-for its lock to expire."""
+a child told to exit (hard restart, stop) exits at once, whatever refresh
+it has in flight, and a child that died while calling for a user does not
+make that user wait for its lock to expire."""
 
 import os
 import signal
@@ -11,11 +12,19 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import MockTestCase, apache_conf, wait_for  # noqa: E402
+from harness import (MockTestCase, apache_conf, auth_location, run_concurrently,  # noqa: E402
+                     wait_for, wait_until)
 
 # Test-only: the id is the authenticated user plus a request header, to mint
 # many users (never do this in production: the client picks part of its id).
 USER_ID = 'CardScanUserID "%{REMOTE_USER}-%{HTTP:X-Test-User}"'
+
+# httpd's reports of a child that did not exit when told to: "still did not
+# exit, sending a SIGTERM" / "a SIGKILL" (AH00045, AH00046), "could not make
+# child process exit" (AH00047), and the AH00165-AH00169 family
+NOT_EXITED = ("did not exit", "could not make child", "AH00045", "AH00046", "AH00047", "AH00165",
+              "AH00166", "AH00167", "AH00168", "AH00169")
+
 
 def alive(pid):
     try:
@@ -63,6 +72,63 @@ def child_connected_to(a, port):
         if socket_inodes(pid) & conns:
             return pid
     return None
+
+
+class StopWithRefreshesTest(MockTestCase):
+    """prefork, CardScanTimeout 8; 16 s tokens (served about 8 s, refreshed
+    from about 6 s); once users' tokens are in their refresh window, the API
+    answers in 7 s, so that refreshes are in flight in the children when the
+    server is restarted or stopped: the children must exit at once (a
+    refresh in flight is abandoned), never be reported as not exiting."""
+
+    LIFETIME, USERS, SLOW_MS = 16, 12, 7000
+
+    def _server_with_refreshes_in_flight(self):
+        self.mock.config(lifetime=self.LIFETIME, latency_ms=0)
+        a = self.apache(mpm="prefork", servers=4,
+                        global_conf=apache_conf(endpoint=self.mock.http_url, extra="CardScanTimeout 8\n"),
+                        body=auth_location("/many", USER_ID))
+        users = [(str(i),) for i in range(self.USERS)]
+
+        def ask(uid):
+            return a.request("/many", headers={"X-Test-User": uid})[0]
+        t0 = time.monotonic()
+        self.assertEqual(set(run_concurrently(ask, users)), {200})
+        wait_until(t0 + 6.3, "the tokens' refresh window")
+        before = self.mock.calls()
+        self.mock.config(latency_ms=self.SLOW_MS)
+        # served at once from the cache; each hands a refresh to its child
+        self.assertEqual(set(run_concurrently(ask, users)), {200})
+        wait_for(lambda: self.mock.calls() >= before + 4, 5, "refreshes in flight")
+        return a
+
+    def _assert_children_exited(self, a, pids, since, what):
+        wait_for(lambda: not any(alive(p) for p in pids), 15, "the children to exit")
+        took = time.monotonic() - since
+        reports = [ln for ln in a.log().splitlines() if any(s in ln for s in NOT_EXITED)]
+        self.assertEqual(reports, [], "the parent reported children that did not exit at a %s" % what)
+        # a refresh in flight is aborted within about a second (past 2.5 s,
+        # the child would end without it; past 3 s, httpd reports it)
+        self.assertLess(took, 2.0, "the children's exit at a %s took %.1f s" % (what, took))
+
+    def test_hard_restart_with_refreshes_in_flight(self):
+        a = self._server_with_refreshes_in_flight()
+        pids = a.child_pids()
+        generation = a.generation()
+        t0 = time.monotonic()
+        os.kill(a.proc.pid, signal.SIGHUP)  # apachectl restart
+        self._assert_children_exited(a, pids, t0, "hard restart")
+        wait_for(lambda: a.generation() > generation, 15, "the restarted server")
+        self.mock.config(latency_ms=0)
+        self.assertEqual(a.request("/many", headers={"X-Test-User": "0"})[0], 200)
+
+    def test_stop_with_refreshes_in_flight(self):
+        a = self._server_with_refreshes_in_flight()
+        pids = a.child_pids()
+        t0 = time.monotonic()
+        os.kill(a.proc.pid, signal.SIGTERM)  # apachectl stop
+        self._assert_children_exited(a, pids, t0, "stop")
+        a.proc.wait(15)
 
 
 class DeadHolderTest(MockTestCase):
