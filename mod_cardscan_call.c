@@ -87,6 +87,8 @@ static void call_upstream(cs_call *c, cs_upstream_req_t *req,
     for (int attempt = 0;; attempt++) {
         apr_interval_time_t left;
         cs_upstream_fetch(cs_proc.upstream, c->p, req, resp);
+        if (resp->result == CS_UP_ABORTED)
+            break; /* the process is exiting: not the upstream's health */
         cs_metrics_upstream(cs_proc.metrics, resp->result, resp->status,
                             resp->elapsed);
         if (breaker &&
@@ -229,7 +231,8 @@ void cs_call_fetch(cs_call *c, cs_entry_t *e)
     call_upstream(c, &req, &resp);
     now = apr_time_now();
     cs_classify(c->p, &resp, now, &v);
-    log_verdict(c, &v, &resp);
+    if (resp.result != CS_UP_ABORTED)
+        log_verdict(c, &v, &resp);
     if (v.kind != CS_VERDICT_TOKEN) {
         cs_entry_failure(c->p, &v, now, e);
         return;

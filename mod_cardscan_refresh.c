@@ -11,12 +11,18 @@
 
 #include "apr_thread_mutex.h"
 
+#include <unistd.h>
+
 /* refresh threads per process: threaded MPMs serve many users per process,
  * prefork one connection per process */
 #define CS_REFRESH_THREADS 8
 #define CS_REFRESH_THREADS_PREFORK 2
 #define CS_REFRESH_QUEUE 256 /* refreshes waiting in a process, at most */
 #define CS_REFRESH_SLOTS 64  /* users refreshed lately, per process */
+/* a running refresh is waited for this long at most when the process
+ * exits: its call is aborted within about a second; httpd reports a child
+ * that is not gone 3 s after it was told to exit */
+#define CS_REFRESH_STOP_WAIT apr_time_from_msec(2500)
 
 /* A refresh job owns its pool: it outlives the request that started it. */
 typedef struct {
@@ -37,8 +43,14 @@ static struct {
     cs_queue_t *queue; /* NULL: no refresh threads */
     apr_thread_mutex_t *lock;
     cs_refresh_slot slots[CS_REFRESH_SLOTS];
-    int failing; /* the last refresh of this process failed */
+    int failing;  /* the last refresh of this process failed */
+    int stopping; /* atomic: the process is exiting (refresh_stop) */
 } rf;
+
+static int stopping(void)
+{
+    return __atomic_load_n(&rf.stopping, __ATOMIC_ACQUIRE);
+}
 
 /* At most one refresh per user per CS_REFRESH_RETRY from this process. */
 static int refresh_claim(const cs_call *c, apr_time_t now)
@@ -81,7 +93,10 @@ static void refresh_one(void *data)
     int retry_after = 0;
 
     cs_call_init(&c, NULL, job->s, job->pool, job->d, job->user_id);
-    if (cs_store_lock(&c) != CS_LOCK_HELD) {
+    if (stopping()) {
+        /* the process is exiting: nothing more is done */
+    }
+    else if (cs_store_lock(&c) != CS_LOCK_HELD) {
         cs_metrics_refresh(cs_proc.metrics, CS_REFRESH_SKIPPED);
     }
     else if (cs_store_read(&c, CS_ID_TOKEN, &e) && e.created > job->seen) {
@@ -93,7 +108,11 @@ static void refresh_one(void *data)
         memset(&e, 0, sizeof(e));
         if (!cs_call_breaker_refuses(&c, &retry_after))
             cs_call_fetch(&c, &e);
-        if (e.kind == CS_ENTRY_TOKEN && e.expires) {
+        if (stopping()) {
+            /* abandoned (the call was aborted): the lock expires, or is
+             * taken over once this process is gone */
+        }
+        else if (e.kind == CS_ENTRY_TOKEN && e.expires) {
             cs_store_write(&c, CS_ID_TOKEN, &e, e.expires);
             cs_store_unlock(&c, 0);
             cs_metrics_refresh(cs_proc.metrics, CS_REFRESH_OK);
@@ -108,6 +127,28 @@ static void refresh_one(void *data)
 static void refresh_drop(void *data)
 {
     apr_pool_destroy(((cs_refresh_job *)data)->pool);
+}
+
+/* A pre-cleanup of the child pool, run before the queue's own: a child
+ * told to exit exits at once, whatever refresh it has in flight. Under
+ * prefork it runs in the handler of SIGTERM or SIGHUP, on the thread that
+ * may have been interrupted in cs_queue_push or anywhere else: nothing here
+ * takes a lock. A running refresh is aborted (its call ends within about a
+ * second) and waited for CS_REFRESH_STOP_WAIT at most; the parent would
+ * report the child as not exiting after 3 s. A refresh still running then
+ * is stuck on something the exit itself releases (a cache mutex held by
+ * the interrupted thread, say): the process ends here, before the pool it
+ * uses is destroyed under it. */
+static apr_status_t refresh_stop(void *data)
+{
+    (void)data;
+    __atomic_store_n(&rf.stopping, 1, __ATOMIC_RELEASE);
+    if (cs_proc.upstream)
+        cs_upstream_abort(cs_proc.upstream);
+    if (rf.queue && cs_queue_stop(rf.queue, CS_REFRESH_STOP_WAIT) != 0)
+        _exit(0);
+    rf.queue = NULL;
+    return APR_SUCCESS;
 }
 
 void cs_refresh_child_init(apr_pool_t *p, server_rec *s)
@@ -126,7 +167,9 @@ void cs_refresh_child_init(apr_pool_t *p, server_rec *s)
             threaded == AP_MPMQ_NOT_SUPPORTED ? CS_REFRESH_THREADS_PREFORK
                                               : CS_REFRESH_THREADS,
             CS_REFRESH_QUEUE, refresh_one, refresh_drop, &rf.queue);
-    if (rv != APR_SUCCESS)
+    if (rv == APR_SUCCESS)
+        apr_pool_pre_cleanup_register(p, NULL, refresh_stop);
+    else
         ap_log_error(APLOG_MARK, APLOG_ERR, rv, s,
                      APLOGNO(10534) "mod_cardscan: cannot start the refresh "
                                     "threads: tokens are not refreshed ahead "

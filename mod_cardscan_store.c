@@ -12,6 +12,8 @@
 
 #include "apr_thread_rwlock.h"
 
+#include <errno.h>
+#include <signal.h>
 #include <unistd.h>
 
 #define CS_DEFAULT_SHMCB_SIZE (48 * 1024 * 1024)
@@ -226,6 +228,36 @@ static apr_status_t lock_add(cs_call *c, const unsigned char *id,
                               expiry, store_deadline(), c->p, err);
 }
 
+/* A busy lock whose holder was a process of this host that is gone (killed
+ * while it called, say) is released, compared with the very value read, so
+ * that the caller can take it at once instead of waiting for it to expire.
+ * A holder on another host, or one whose value does not parse, is left
+ * alone: its lock lasts at most its life (lock_expiry). 1 when released. */
+static int lock_holder_gone(cs_call *c, const unsigned char *id)
+{
+    unsigned char val[sizeof(c->owner)];
+    char host[sizeof(st.host_tag)];
+    apr_size_t len = sizeof(val);
+    const char *err = NULL;
+    long pid;
+
+    if (st.store->ops->get(st.store, id, CS_STORE_ID_LEN, val, &len,
+                           store_deadline(), c->p, &err) != APR_SUCCESS ||
+        cs_lock_holder_parse((const char *)val, len, host, sizeof(host),
+                             &pid) != APR_SUCCESS ||
+        strcmp(host, st.host_tag) != 0 || (pid_t)pid == getpid() ||
+        kill((pid_t)pid, 0) == 0 || errno != ESRCH)
+        return 0;
+    if (st.store->ops->release(st.store, id, CS_STORE_ID_LEN, val, len,
+                               store_deadline(), c->p, &err) != APR_SUCCESS)
+        return 0;
+    cs_call_log(c, APLOG_DEBUG, 0,
+                APLOGNO(10535) "mod_cardscan: the user's call lock was held "
+                               "by process %ld, which is gone: taken over",
+                pid);
+    return 1;
+}
+
 cs_lock_e cs_store_lock(cs_call *c)
 {
     static apr_uint32_t counter;
@@ -245,6 +277,10 @@ cs_lock_e cs_store_lock(cs_call *c)
             __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED), apr_time_now());
     cs_store_id(c->ref.bytes, CS_ID_LOCK, id);
     rv = lock_add(c, id, lock_expiry(c), &err);
+    /* here, at the first try, and at each try of a request waiting for
+     * the holder's call */
+    if (APR_STATUS_IS_EEXIST(rv) && lock_holder_gone(c, id))
+        rv = lock_add(c, id, lock_expiry(c), &err);
     if (rv == APR_SUCCESS)
         return CS_LOCK_HELD;
     if (APR_STATUS_IS_EEXIST(rv))

@@ -216,12 +216,13 @@ int cs_entry_fresh(const cs_entry_t *e, apr_time_t now,
 /* ------------------------------------------------------------- upstream */
 
 typedef enum {
-    CS_UP_OK = 0,  /* an HTTP reply arrived (any status) */
-    CS_UP_TIMEOUT, /* the deadline passed */
-    CS_UP_CONNECT, /* could not connect (refused, unreachable, DNS) */
-    CS_UP_TLS,     /* TLS handshake or verification failed */
-    CS_UP_TOO_BIG, /* the body exceeded the cap */
-    CS_UP_PROTOCOL /* reset, truncated or otherwise broken exchange */
+    CS_UP_OK = 0,   /* an HTTP reply arrived (any status) */
+    CS_UP_TIMEOUT,  /* the deadline passed */
+    CS_UP_CONNECT,  /* could not connect (refused, unreachable, DNS) */
+    CS_UP_TLS,      /* TLS handshake or verification failed */
+    CS_UP_TOO_BIG,  /* the body exceeded the cap */
+    CS_UP_PROTOCOL, /* reset, truncated or otherwise broken exchange */
+    CS_UP_ABORTED   /* cs_upstream_abort: the process is going away */
 } cs_up_result_e;
 
 typedef struct cs_upstream_req {
@@ -262,6 +263,11 @@ apr_status_t cs_upstream_create(apr_pool_t *p, cs_upstream_t **u,
 /* GET {endpoint}/access-token?user_id=... */
 void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
                        const cs_upstream_req_t *req, cs_upstream_resp_t *resp);
+
+/* Ends every exchange of u, running (within about a second: libcurl's
+ * progress callback) or to come, with CS_UP_ABORTED: the process is going
+ * away and a call in flight is abandoned. For good; async-signal-safe. */
+void cs_upstream_abort(cs_upstream_t *u);
 
 /* Copies one line of libcurl's verbose output into out (outsize bytes,
  * always NUL-terminated) with every credential masked, wherever it is in
@@ -495,6 +501,16 @@ typedef enum {
 void cs_store_id(const unsigned char key[CS_CACHE_KEY_LEN], cs_id_kind_e kind,
                  unsigned char out[CS_STORE_ID_LEN]);
 
+/* The holder of a user's call lock, from the lock's value
+ * "host/pid/counter/time" (the shell makes it when it takes the lock): a
+ * lock whose holder process is gone from this host can be taken over. The
+ * value comes from a shared store, not NUL-terminated: anything but that
+ * form (an empty or oversized host, a pid that is not a positive decimal
+ * number, a missing or non-numeric field) is refused with APR_EINVAL. host
+ * receives the host tag NUL-terminated in at most hostsize bytes. */
+apr_status_t cs_lock_holder_parse(const char *value, apr_size_t len, char *host,
+                                  apr_size_t hostsize, long *pid);
+
 /* --------------------------------------------------------- call policy */
 
 /* What an API reply means for the client (lib/cs_policy.c). */
@@ -585,16 +601,26 @@ apr_status_t cs_conf_cache_secret(apr_pool_t *p, const char *spec,
 /* A work queue served by `nthreads` threads (lib/cs_queue.c): the refresh
  * jobs of a child. Stopped (threads woken and joined, queued jobs handed to
  * `drop`) by cs_queue_stop or, at the latest, before anything else of the
- * pool it was started with is cleaned up. */
+ * pool it was started with is cleaned up (then waiting CS_QUEUE_STOP_WAIT
+ * at most for a running job). */
 typedef struct cs_queue cs_queue_t;
 typedef void (*cs_queue_fn)(void *job);
+
+#define CS_QUEUE_STOP_WAIT apr_time_from_sec(2)
 
 apr_status_t cs_queue_start(apr_pool_t *p, int nthreads, unsigned int capacity,
                             cs_queue_fn run, cs_queue_fn drop, cs_queue_t **q);
 /* 1 when queued; 0 when the queue is full or stopping */
 int cs_queue_push(cs_queue_t *q, void *job);
-/* Idempotent; waits for the jobs that are running. */
-void cs_queue_stop(cs_queue_t *q);
+/* Stops the queue: no job is started any more, idle threads end at once,
+ * and a running job is waited for `wait` at most (the caller makes its jobs
+ * end soon: a child that is told to exit must not hang on one). Returns
+ * the threads still running then (0: all joined): these go on with their
+ * job, and the queue is left to them (never freed). Takes no lock that the
+ * calling thread may hold: it may run in a signal handler that interrupted
+ * cs_queue_push (prefork destroys its child pool from SIGTERM's handler).
+ * Idempotent. */
+int cs_queue_stop(cs_queue_t *q, apr_interval_time_t wait);
 /* the threads that were started */
 int cs_queue_threads(const cs_queue_t *q);
 /* ----------------------------------------------------- identity pinning */

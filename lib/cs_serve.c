@@ -67,3 +67,46 @@ void cs_store_id(const unsigned char key[CS_CACHE_KEY_LEN], cs_id_kind_e kind,
     memcpy(out, key, CS_CACHE_KEY_LEN);
     out[CS_CACHE_KEY_LEN] = (unsigned char)kind;
 }
+
+/* The digits of value[*at..len) up to the next '/' (or the end with
+ * `last`), as a number no larger than max; -1 when there are none, another
+ * character comes first, or the number is larger. */
+static apr_int64_t lock_field(const char *value, apr_size_t len, apr_size_t *at,
+                              int last, apr_int64_t max)
+{
+    apr_int64_t n = 0;
+    apr_size_t start = *at;
+
+    for (; *at < len && value[*at] != '/'; (*at)++) {
+        if (value[*at] < '0' || value[*at] > '9')
+            return -1;
+        if (n > (max - (value[*at] - '0')) / 10)
+            return -1;
+        n = n * 10 + (value[*at] - '0');
+    }
+    if (*at == start || (last ? *at != len : *at == len))
+        return -1;
+    if (!last)
+        (*at)++;
+    return n;
+}
+
+apr_status_t cs_lock_holder_parse(const char *value, apr_size_t len, char *host,
+                                  apr_size_t hostsize, long *pid)
+{
+    const char *slash = value ? memchr(value, '/', len) : NULL;
+    apr_size_t hostlen = slash ? (apr_size_t)(slash - value) : 0, at;
+    apr_int64_t p;
+
+    if (!hostlen || hostlen >= hostsize || memchr(value, '\0', hostlen))
+        return APR_EINVAL;
+    at = hostlen + 1;
+    if ((p = lock_field(value, len, &at, 0, APR_INT32_MAX)) < 1 ||
+        lock_field(value, len, &at, 0, APR_UINT32_MAX) < 0 ||
+        lock_field(value, len, &at, 1, APR_INT64_MAX) < 0)
+        return APR_EINVAL;
+    memcpy(host, value, hostlen);
+    host[hostlen] = '\0';
+    *pid = (long)p;
+    return APR_SUCCESS;
+}

@@ -27,6 +27,7 @@ struct cs_upstream {
     int nidle;
     CURLSH *share;
     apr_thread_mutex_t *share_lock[CURL_LOCK_DATA_LAST];
+    int aborted; /* atomic: cs_upstream_abort */
 };
 
 typedef struct body_buf {
@@ -122,6 +123,24 @@ apr_status_t cs_upstream_create(apr_pool_t *p, cs_upstream_t **out,
     apr_pool_cleanup_register(p, u, upstream_cleanup, apr_pool_cleanup_null);
     *out = u;
     return APR_SUCCESS;
+}
+
+void cs_upstream_abort(cs_upstream_t *u)
+{
+    __atomic_store_n(&u->aborted, 1, __ATOMIC_RELEASE);
+}
+
+/* libcurl calls it about once a second at least, even while it waits for
+ * a reply: non-zero ends the transfer (CURLE_ABORTED_BY_CALLBACK). */
+static int on_progress(void *baton, curl_off_t dltotal, curl_off_t dlnow,
+                       curl_off_t ultotal, curl_off_t ulnow)
+{
+    cs_upstream_t *u = baton;
+    (void)dltotal;
+    (void)dlnow;
+    (void)ultotal;
+    (void)ulnow;
+    return __atomic_load_n(&u->aborted, __ATOMIC_ACQUIRE);
 }
 
 static CURL *acquire(cs_upstream_t *u)
@@ -350,6 +369,8 @@ static cs_up_result_e classify(CURLcode rc, const body_buf *b)
         return CS_UP_TLS;
     case CURLE_WRITE_ERROR:
         return b->too_big ? CS_UP_TOO_BIG : CS_UP_PROTOCOL;
+    case CURLE_ABORTED_BY_CALLBACK:
+        return CS_UP_ABORTED;
     default:
         return CS_UP_PROTOCOL;
     }
@@ -368,6 +389,13 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
     CURLcode rc;
 
     memset(resp, 0, sizeof(*resp));
+    if (__atomic_load_n(&u->aborted, __ATOMIC_ACQUIRE)) {
+        if (h)
+            release(u, h);
+        resp->result = CS_UP_ABORTED;
+        resp->detail = "the process is exiting";
+        return;
+    }
     if (!h) {
         resp->result = CS_UP_PROTOCOL;
         resp->detail = "curl_easy_init failed";
@@ -429,6 +457,9 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
     curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
     curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
     curl_easy_setopt(h, CURLOPT_HEADERDATA, &hs);
+    curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, on_progress);
+    curl_easy_setopt(h, CURLOPT_XFERINFODATA, u);
+    curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
     if (req->trace) {
         curl_easy_setopt(h, CURLOPT_VERBOSE, 1L);
         curl_easy_setopt(h, CURLOPT_DEBUGFUNCTION, on_debug);

@@ -3,8 +3,10 @@
 #include "suites.h"
 
 #include <pthread.h>
+#include <signal.h>
 #include <semaphore.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "lib/cardscan.h"
@@ -118,14 +120,107 @@ START_TEST(full_queue_refuses_and_stop_drops_the_rest)
         pthread_t opener;
         ck_assert_int_eq(
             pthread_create(&opener, NULL, open_gate_later, &counts), 0);
-        cs_queue_stop(q);
+        ck_assert_int_eq(cs_queue_stop(q, apr_time_from_sec(10)), 0);
         pthread_join(opener, NULL);
     }
     ck_assert_int_eq(counts.ran + counts.dropped, (apr_uint32_t)queued);
     ck_assert_int_ge(counts.dropped, 3);
     ck_assert_int_eq(cs_queue_push(q, &jobs[0]), 0);
-    cs_queue_stop(q); /* idempotent */
+    ck_assert_int_eq(cs_queue_stop(q, 0), 0); /* idempotent */
     apr_pool_destroy(p);
+}
+END_TEST
+
+/* A job that does not end is waited for a bounded time: stop returns with
+ * the thread still running, and a later stop joins it once it has ended. */
+START_TEST(stop_waits_for_a_running_job_a_bounded_time)
+{
+    apr_pool_t *p;
+    cs_queue_t *q;
+    counts_t counts;
+    job_t job;
+    apr_time_t t0;
+
+    q = start_queue(&p, &counts, 0, 2, 4);
+    job.counts = &counts;
+    ck_assert_int_eq(cs_queue_push(q, &job), 1);
+    usleep(100 * 1000); /* taken by a thread, which waits for the gate */
+    t0 = apr_time_now();
+    ck_assert_int_eq(cs_queue_stop(q, apr_time_from_msec(300)), 1);
+    ck_assert_int_lt(apr_time_now() - t0, apr_time_from_sec(2));
+    ck_assert_int_eq(cs_queue_push(q, &job), 0);
+    sem_post(&counts.gate);
+    ck_assert_int_eq(cs_queue_stop(q, apr_time_from_sec(10)), 0);
+    ck_assert_int_eq(cs_queue_threads(q), 0);
+    ck_assert_int_eq(counts.ran, 1);
+    apr_pool_destroy(p);
+}
+END_TEST
+
+/* prefork stops the queue from a signal handler (its child pool is
+ * destroyed from SIGTERM's): on a thread that may have been interrupted in
+ * cs_queue_push, the queue's mutex held. Stopping must neither deadlock
+ * nor wait for the idle threads. */
+static cs_queue_t *signal_q;
+/* semaphores (sem_post is async-signal-safe), which helgrind also sees */
+static sem_t signal_done, pushing_done;
+static int signal_stopped;
+
+static void stop_from_handler(int sig)
+{
+    (void)sig;
+    signal_stopped = cs_queue_stop(signal_q, apr_time_from_sec(5));
+    sem_post(&signal_done);
+}
+
+static void *push_until_stopped(void *data)
+{
+    job_t *jobs = data;
+    unsigned int i = 0;
+    while (sem_trywait(&pushing_done) != 0)
+        cs_queue_push(signal_q, &jobs[i++ % 64]);
+    return NULL;
+}
+
+START_TEST(stop_in_a_signal_handler_that_interrupted_push)
+{
+    struct sigaction sa, old;
+
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = stop_from_handler;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGUSR2, &sa, &old);
+    sem_init(&signal_done, 0, 0);
+    sem_init(&pushing_done, 0, 0);
+    for (int round = 0; round < 20; round++) {
+        apr_pool_t *p;
+        counts_t counts;
+        job_t jobs[64];
+        pthread_t pusher;
+        struct timespec ts;
+
+        signal_q = start_queue(&p, &counts, 1, 2, 8);
+        for (int i = 0; i < 64; i++)
+            jobs[i].counts = &counts;
+        signal_stopped = -1;
+        ck_assert_int_eq(
+            pthread_create(&pusher, NULL, push_until_stopped, jobs), 0);
+        usleep(20 * 1000);
+        pthread_kill(pusher, SIGUSR2);
+        /* bounded: 10 s at most */
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += 10;
+        ck_assert_int_eq(sem_timedwait(&signal_done, &ts), 0);
+        sem_post(&pushing_done);
+        pthread_join(pusher, NULL);
+        ck_assert_int_eq(signal_stopped, 0);
+        ck_assert_int_eq(cs_queue_threads(signal_q), 0);
+        ck_assert_int_eq(cs_queue_push(signal_q, &jobs[0]), 0);
+        apr_pool_destroy(p);
+    }
+    sigaction(SIGUSR2, &old, NULL);
+    sem_destroy(&signal_done);
+    sem_destroy(&pushing_done);
 }
 END_TEST
 
@@ -146,6 +241,8 @@ Suite *queue_suite(void)
     tcase_set_timeout(tc, 30);
     tcase_add_test(tc, every_job_runs_once_on_the_threads);
     tcase_add_test(tc, full_queue_refuses_and_stop_drops_the_rest);
+    tcase_add_test(tc, stop_waits_for_a_running_job_a_bounded_time);
+    tcase_add_test(tc, stop_in_a_signal_handler_that_interrupted_push);
     tcase_add_test(tc, no_threads_no_queue);
     suite_add_tcase(s, tc);
     return s;

@@ -157,6 +157,55 @@ START_TEST(absurd_lifetime_does_not_overflow)
 }
 END_TEST
 
+/* The holder of a lock, from its value: host and pid of a well-formed
+ * "host/pid/counter/time"; anything else refused. */
+START_TEST(lock_holder_from_its_value)
+{
+    static const char *const bad[] = {
+        "",
+        "web1",
+        "/123/1/1700000000000000",
+        "web1//1/1700000000000000",
+        "web1/0/1/1700000000000000",
+        "web1/-5/1/1700000000000000",
+        "web1/12a/1/1700000000000000",
+        "web1/2147483648/1/1700000000000000",
+        "web1/123/1",
+        "web1/123//1700000000000000",
+        "web1/123/4294967296/1700000000000000",
+        "web1/123/1/",
+        "web1/123/1/17x",
+        "web1/123/1/1700000000000000/extra",
+        "web1/123/1/99999999999999999999",
+        "a-host-name-that-is-too-long-for-the-buffer/1/1/1",
+    };
+    char host[16];
+    long pid = -1;
+    const char *v = "web1.example/4242/7/1700000000000000";
+
+    ck_assert_int_eq(
+        cs_lock_holder_parse(v, strlen(v), host, sizeof(host), &pid),
+        APR_SUCCESS);
+    ck_assert_str_eq(host, "web1.example");
+    ck_assert_int_eq(pid, 4242);
+    /* the value's length counts, not a NUL: a store's value has none */
+    ck_assert_int_eq(
+        cs_lock_holder_parse("h/1/2/3trailing", 7, host, sizeof(host), &pid),
+        APR_SUCCESS);
+    ck_assert_str_eq(host, "h");
+    ck_assert_int_eq(pid, 1);
+    ck_assert_int_eq(
+        cs_lock_holder_parse("h\0x/1/2/3", 9, host, sizeof(host), &pid),
+        APR_EINVAL);
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        ck_assert_msg(cs_lock_holder_parse(bad[i], strlen(bad[i]), host,
+                                           sizeof(host), &pid) == APR_EINVAL,
+                      "accepted \"%s\"", bad[i]);
+    ck_assert_int_eq(cs_lock_holder_parse(NULL, 0, host, sizeof(host), &pid),
+                     APR_EINVAL);
+}
+END_TEST
+
 Suite *serve_suite(void)
 {
     Suite *s = suite_create("serve");
@@ -167,6 +216,7 @@ Suite *serve_suite(void)
     tcase_add_test(tc, refresh_off_and_min_ttl_zero);
     tcase_add_test(tc, failures_are_per_user_and_short);
     tcase_add_test(tc, store_ids_differ_by_kind);
+    tcase_add_test(tc, lock_holder_from_its_value);
     suite_add_tcase(s, tc);
     return s;
 }
