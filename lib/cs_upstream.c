@@ -11,6 +11,7 @@
 #include <apr_lib.h>
 #include <apr_strings.h>
 #include <curl/curl.h>
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -338,6 +339,11 @@ static cs_up_result_e classify(CURLcode rc, const body_buf *b)
         return CS_UP_CONNECT;
     case CURLE_SSL_CONNECT_ERROR:
     case CURLE_PEER_FAILED_VERIFICATION:
+#if LIBCURL_VERSION_NUM < 0x073e00
+    /* before 7.62, an unknown CA had its own code; since, it is an alias of
+     * CURLE_PEER_FAILED_VERIFICATION */
+    case CURLE_SSL_CACERT:
+#endif
     case CURLE_SSL_CERTPROBLEM:
     case CURLE_SSL_CIPHER:
     case CURLE_SSL_CACERT_BADFILE:
@@ -355,6 +361,17 @@ static cs_up_result_e classify(CURLcode rc, const body_buf *b)
     }
 }
 
+const char *cs_upstream_os_hint(int os_errno)
+{
+    /* connect(2) fails with EACCES where a security policy forbids it:
+     * SELinux's httpd_t may not connect out by default (RHEL, Fedora) */
+    if (os_errno == EACCES)
+        return "permission denied: on SELinux systems allow httpd's outbound "
+               "connections: setsebool -P httpd_can_network_connect 1; see "
+               "docs/platforms.md";
+    return NULL;
+}
+
 void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
                        const cs_upstream_req_t *req, cs_upstream_resp_t *resp)
 {
@@ -364,7 +381,8 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
     char errbuf[CURL_ERROR_SIZE] = "";
     struct curl_slist *headers = NULL;
     apr_time_t start = apr_time_now();
-    long status = 0, connects = 0;
+    long status = 0, connects = 0, os_errno = 0;
+    const char *hint = NULL;
     CURLcode rc;
 
     memset(resp, 0, sizeof(*resp));
@@ -438,6 +456,9 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
     rc = curl_easy_perform(h);
     curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
     curl_easy_getinfo(h, CURLINFO_NUM_CONNECTS, &connects);
+    if (rc == CURLE_COULDNT_CONNECT &&
+        curl_easy_getinfo(h, CURLINFO_OS_ERRNO, &os_errno) == CURLE_OK)
+        hint = cs_upstream_os_hint((int)os_errno);
     /* nothing of this request may outlive it in the handle */
     curl_easy_setopt(h, CURLOPT_ERRORBUFFER, NULL);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
@@ -453,8 +474,9 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
     resp->new_connections = connects;
     resp->elapsed = apr_time_now() - start;
     if (rc != CURLE_OK)
-        resp->detail = apr_psprintf(p, "%s%s%s", curl_easy_strerror(rc),
-                                    *errbuf ? ": " : "", errbuf);
+        resp->detail = apr_psprintf(
+            p, "%s%s%s%s%s%s", curl_easy_strerror(rc), *errbuf ? ": " : "",
+            errbuf, hint ? " (" : "", hint ? hint : "", hint ? ")" : "");
     if (resp->result == CS_UP_TOO_BIG)
         resp->detail =
             apr_psprintf(p, "the reply body exceeds %" APR_SIZE_T_FMT " bytes",
