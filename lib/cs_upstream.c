@@ -15,6 +15,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if LIBCURL_VERSION_NUM < 0x074500
+/* Before 7.69.0, libcurl kept the Bearer token of a connection's first
+ * transfer and sent it on every later transfer that reused the connection
+ * (fixed by curl's "http: move oauth_bearer from connectdata to
+ * Curl_easy"): a kept-alive connection would carry another tenant's key.
+ * There the header is made here, on every transfer, and wiped after it. */
+#define CS_BEARER_HEADER 1
+#include <openssl/crypto.h>
+#endif
+
 /* Easy handles kept per process, at most: one per worker thread that
  * called at the same time, up to here (ThreadsPerChild is 25 by default). */
 #define CS_UPSTREAM_IDLE 32
@@ -398,10 +408,21 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
                      cs_upstream_url(p, req->endpoint, req->user_id));
     curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, headers);
+#ifdef CS_BEARER_HEADER
+    {
+        char *auth =
+            apr_pstrcat(p, "Authorization: Bearer ", req->key->secret, NULL);
+        headers = curl_slist_append(headers, auth);
+        OPENSSL_cleanse(auth, strlen(auth));
+        /* to the API only, never in a proxy's CONNECT */
+        curl_easy_setopt(h, CURLOPT_HEADEROPT, (long)CURLHEADER_SEPARATE);
+    }
+#else
     /* libcurl builds "Authorization: Bearer <key>" itself, from the key's
      * one copy in the configuration pool. */
     curl_easy_setopt(h, CURLOPT_HTTPAUTH, (long)CURLAUTH_BEARER);
     curl_easy_setopt(h, CURLOPT_XOAUTH2_BEARER, req->key->secret);
+#endif
     curl_easy_setopt(h, CURLOPT_USERAGENT, CS_USER_AGENT);
 #if LIBCURL_VERSION_NUM >= 0x075500
     curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
@@ -464,6 +485,10 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
     curl_easy_setopt(h, CURLOPT_DEBUGFUNCTION, NULL);
     curl_easy_setopt(h, CURLOPT_VERBOSE, 0L);
+#ifdef CS_BEARER_HEADER
+    for (struct curl_slist *l = headers; l; l = l->next)
+        OPENSSL_cleanse(l->data, strlen(l->data));
+#endif
     curl_slist_free_all(headers);
 
     resp->result = classify(rc, &body);
