@@ -25,6 +25,16 @@
 #include <openssl/crypto.h>
 #endif
 
+#if LIBCURL_VERSION_NUM < 0x073f00
+/* Before 7.63.0, curl_easy_perform slept blindly (up to a second, until the
+ * next timer: the connect timeout) when a second passed without the reply,
+ * instead of watching the socket (curl's "curl_easy_perform: fix timeout
+ * handling", issue 3305): a reply after 1.3 s arrived at 2 s, or after the
+ * deadline. There each handle runs in a multi handle of its own (which
+ * keeps its connections between requests) with a wait loop here. */
+#define CS_OWN_MULTI 1
+#endif
+
 /* Easy handles kept per process, at most: one per worker thread that
  * called at the same time, up to here (ThreadsPerChild is 25 by default). */
 #define CS_UPSTREAM_IDLE 32
@@ -32,13 +42,20 @@
 struct cs_upstream {
     apr_pool_t *pool;
     apr_thread_mutex_t *lock; /* guards idle and nidle */
-    /* CURL *, most recently used last; allocated once: APR pools are not
+    /* most recently used last; allocated once: APR pools are not
      * thread-safe, so nothing may grow from the worker threads */
-    CURL **idle;
+    struct cs_handle *idle;
     int nidle;
     CURLSH *share;
     apr_thread_mutex_t *share_lock[CURL_LOCK_DATA_LAST];
 };
+
+/* An easy handle, and with CS_OWN_MULTI the multi handle it runs in (NULL
+ * otherwise): both keep live connections between requests. */
+typedef struct cs_handle {
+    CURL *easy;
+    CURLM *multi;
+} cs_handle;
 
 typedef struct body_buf {
     apr_pool_t *p;
@@ -80,11 +97,21 @@ static void share_unlock(CURL *h, curl_lock_data data, void *baton)
         apr_thread_mutex_unlock(u->share_lock[data]);
 }
 
+static void handle_close(cs_handle *hd)
+{
+    if (hd->multi)
+        curl_multi_cleanup(hd->multi);
+    if (hd->easy)
+        curl_easy_cleanup(hd->easy);
+    hd->easy = NULL;
+    hd->multi = NULL;
+}
+
 static apr_status_t upstream_cleanup(void *data)
 {
     cs_upstream_t *u = data;
     for (int i = 0; i < u->nidle; i++)
-        curl_easy_cleanup(u->idle[i]);
+        handle_close(&u->idle[i]);
     u->nidle = 0;
     if (u->share)
         curl_share_cleanup(u->share);
@@ -104,7 +131,7 @@ apr_status_t cs_upstream_create(apr_pool_t *p, cs_upstream_t **out,
     apr_status_t rv;
 
     u->pool = p;
-    u->idle = apr_pcalloc(p, CS_UPSTREAM_IDLE * sizeof(CURL *));
+    u->idle = apr_pcalloc(p, CS_UPSTREAM_IDLE * sizeof(*u->idle));
     rv = apr_thread_mutex_create(&u->lock, APR_THREAD_MUTEX_DEFAULT, p);
     if (rv != APR_SUCCESS) {
         *err = "cannot create the upstream client's mutex";
@@ -135,27 +162,79 @@ apr_status_t cs_upstream_create(apr_pool_t *p, cs_upstream_t **out,
     return APR_SUCCESS;
 }
 
-static CURL *acquire(cs_upstream_t *u)
+/* An idle handle, or a new one; hd->easy is NULL when none can be made. */
+static void acquire(cs_upstream_t *u, cs_handle *hd)
 {
-    CURL *h = NULL;
+    hd->easy = NULL;
+    hd->multi = NULL;
     apr_thread_mutex_lock(u->lock);
     if (u->nidle > 0)
-        h = u->idle[--u->nidle];
+        *hd = u->idle[--u->nidle];
     apr_thread_mutex_unlock(u->lock);
-    return h ? h : curl_easy_init();
+    if (hd->easy)
+        return;
+    hd->easy = curl_easy_init();
+#ifdef CS_OWN_MULTI
+    if (hd->easy && !(hd->multi = curl_multi_init()))
+        handle_close(hd);
+#endif
 }
 
-static void release(cs_upstream_t *u, CURL *h)
+static void release(cs_upstream_t *u, cs_handle *hd)
 {
     apr_thread_mutex_lock(u->lock);
     if (u->nidle < CS_UPSTREAM_IDLE) {
-        u->idle[u->nidle++] = h;
-        h = NULL;
+        u->idle[u->nidle++] = *hd;
+        hd->easy = NULL;
     }
     apr_thread_mutex_unlock(u->lock);
     /* more threads called at once than handles are kept: this one goes */
-    if (h)
-        curl_easy_cleanup(h);
+    if (hd->easy)
+        handle_close(hd);
+}
+
+/* One transfer: curl_easy_perform, or with CS_OWN_MULTI the same in the
+ * handle's own multi handle, waiting on its sockets. */
+static CURLcode perform(cs_handle *hd)
+{
+#ifdef CS_OWN_MULTI
+    CURLcode rc = CURLE_OK;
+    CURLMcode mc;
+    CURLMsg *msg;
+    int running = 1, left;
+
+    if (curl_multi_add_handle(hd->multi, hd->easy) != CURLM_OK)
+        return CURLE_FAILED_INIT;
+    for (;;) {
+        int fds = 0;
+        mc = curl_multi_perform(hd->multi, &running);
+        if (mc != CURLM_OK || !running)
+            break;
+        mc = curl_multi_wait(hd->multi, NULL, 0, 1000, &fds);
+        if (mc != CURLM_OK)
+            break;
+        if (fds == 0) {
+            /* no socket to watch (a resolver thread, a timer): a short nap
+             * instead of a busy loop, never libcurl's blind second */
+            long ms = -1;
+            curl_multi_timeout(hd->multi, &ms);
+            if (ms < 0 || ms > 10)
+                ms = 10;
+            if (ms > 0)
+                apr_sleep(apr_time_from_msec(ms));
+        }
+    }
+    while ((msg = curl_multi_info_read(hd->multi, &left)))
+        if (msg->msg == CURLMSG_DONE && msg->easy_handle == hd->easy)
+            rc = msg->data.result;
+    curl_multi_remove_handle(hd->multi, hd->easy);
+    if (mc != CURLM_OK)
+        return mc == CURLM_OUT_OF_MEMORY ? CURLE_OUT_OF_MEMORY
+                                         : CURLE_FAILED_INIT;
+    return rc;
+#else
+    return curl_easy_perform(hd->easy);
+#endif
 }
 
 static size_t on_body(char *data, size_t size, size_t n, void *baton)
@@ -385,7 +464,8 @@ const char *cs_upstream_os_hint(int os_errno)
 void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
                        const cs_upstream_req_t *req, cs_upstream_resp_t *resp)
 {
-    CURL *h = acquire(u);
+    cs_handle hd;
+    CURL *h;
     body_buf body = {p, NULL, 0, 0, req->max_body, 0};
     header_state hs = {p, NULL};
     char errbuf[CURL_ERROR_SIZE] = "";
@@ -396,6 +476,8 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
     CURLcode rc;
 
     memset(resp, 0, sizeof(*resp));
+    acquire(u, &hd);
+    h = hd.easy;
     if (!h) {
         resp->result = CS_UP_PROTOCOL;
         resp->detail = "curl_easy_init failed";
@@ -474,7 +556,7 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
         curl_easy_setopt(h, CURLOPT_DEBUGDATA, req);
     }
 
-    rc = curl_easy_perform(h);
+    rc = perform(&hd);
     curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
     curl_easy_getinfo(h, CURLINFO_NUM_CONNECTS, &connects);
     if (rc == CURLE_COULDNT_CONNECT &&
@@ -506,7 +588,7 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
         resp->detail =
             apr_psprintf(p, "the reply body exceeds %" APR_SIZE_T_FMT " bytes",
                          req->max_body);
-    release(u, h);
+    release(u, &hd);
 }
 
 int cs_upstream_retryable(const cs_upstream_resp_t *resp)
