@@ -269,6 +269,10 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
  * away and a call in flight is abandoned. For good; async-signal-safe. */
 void cs_upstream_abort(cs_upstream_t *u);
 
+/* What to add to a failed connect's detail for the system's errno: a hint
+ * at SELinux for EACCES; NULL for any other. */
+const char *cs_upstream_os_hint(int os_errno);
+
 /* Copies one line of libcurl's verbose output into out (outsize bytes,
  * always NUL-terminated) with every credential masked, wherever it is in
  * the line and whatever the protocol's way of printing headers. Returns

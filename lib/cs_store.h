@@ -128,4 +128,18 @@ apr_status_t cs_store_memcache_create(apr_pool_t *p, const char *spec,
                                       const cs_store_opts_t *opts,
                                       cs_store_t **st, const char **err);
 
+/* What the two creates say (with APR_ENOTIMPL) in a build without the
+ * client library (lib/cs_store_none.c). */
+#define CS_STORE_NONE_REDIS_MSG                                                \
+    "this mod_cardscan was built without hiredis (configure "                  \
+    "--without-hiredis): rebuild it with hiredis (RHEL: dnf install "          \
+    "hiredis-devel from EPEL; Debian/Ubuntu: apt-get install libhiredis-dev) " \
+    "to use CardScanCache redis:..."
+#define CS_STORE_NONE_MEMCACHE_MSG                                             \
+    "this mod_cardscan was built without libmemcached (configure "             \
+    "--without-libmemcached): rebuild it with libmemcached (RHEL 8: dnf "      \
+    "install libmemcached-devel; RHEL 9: dnf install "                         \
+    "libmemcached-awesome-devel from CRB; Debian/Ubuntu: apt-get install "     \
+    "libmemcached-dev) to use CardScanCache memcache:..."
+
 #endif /* CS_STORE_H */

@@ -25,6 +25,9 @@
  * process), so its users' entries find a place on the others; a server
  * that accepts but does not answer costs the deadline, and the caller
  * backs off. */
+#ifdef HAVE_CONFIG_H
+#include "config.h" /* HAVE_REDIS_READER_MAXELEMENTS */
+#endif
 #include "cs_store_backend.h"
 
 #include <apr_strings.h>

@@ -44,10 +44,29 @@ apr_status_t cs_base64url_decode(apr_pool_t *p, const char *in,
     return APR_SUCCESS;
 }
 
-static cJSON *parse_json(const char *s, apr_size_t len)
+/* cJSON_ParseWithLengthOpts came with cJSON 1.7.13; older releases (Ubuntu
+ * 20.04's 1.7.10) parse a NUL-terminated copy instead. An embedded NUL
+ * then ends the text early and the trailing-bytes check refuses the reply
+ * (stricter than the length-aware parser, which lets a NUL inside a string
+ * cut that string short). */
+#if CJSON_VERSION_MAJOR > 1 ||                                                 \
+    (CJSON_VERSION_MAJOR == 1 &&                                               \
+     (CJSON_VERSION_MINOR > 7 ||                                               \
+      (CJSON_VERSION_MINOR == 7 && CJSON_VERSION_PATCH >= 13)))
+#define CS_CJSON_PARSE_WITH_LENGTH 1
+#endif
+
+static cJSON *parse_json(apr_pool_t *p, const char *s, apr_size_t len)
 {
     const char *end = NULL;
+#ifdef CS_CJSON_PARSE_WITH_LENGTH
     cJSON *j = cJSON_ParseWithLengthOpts(s, len, &end, 0);
+    (void)p;
+#else
+    cJSON *j;
+    s = apr_pstrmemdup(p, s, len);
+    j = cJSON_ParseWithOpts(s, &end, 0);
+#endif
     if (!j)
         return NULL;
     /* trailing garbage after the value is a malformed reply */
@@ -99,14 +118,14 @@ static apr_status_t parse_jwt(apr_pool_t *p, const char *jwt, cs_token_t *tok,
     }
     if (cs_base64url_decode(p, jwt, (apr_size_t)(dot1 - jwt), &dec, &declen) !=
             APR_SUCCESS ||
-        !(j = parse_json(dec, declen))) {
+        !(j = parse_json(p, dec, declen))) {
         *err = "the Token's JWT header does not decode to a JSON object";
         return APR_EINVAL;
     }
     cJSON_Delete(j);
     if (cs_base64url_decode(p, dot1 + 1, (apr_size_t)(dot2 - dot1 - 1), &dec,
                             &declen) != APR_SUCCESS ||
-        !(j = parse_json(dec, declen))) {
+        !(j = parse_json(p, dec, declen))) {
         *err = "the Token's JWT payload does not decode to a JSON object";
         return APR_EINVAL;
     }
@@ -138,7 +157,7 @@ apr_status_t cs_token_parse(apr_pool_t *p, const char *body, apr_size_t len,
     apr_status_t rv = APR_EINVAL;
 
     memset(tok, 0, sizeof(*tok));
-    if (!body || !(j = parse_json(body, len))) {
+    if (!body || !(j = parse_json(p, body, len))) {
         *err = "the reply is not a JSON object";
         return APR_EINVAL;
     }

@@ -11,8 +11,29 @@
 #include <apr_lib.h>
 #include <apr_strings.h>
 #include <curl/curl.h>
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if LIBCURL_VERSION_NUM < 0x074500
+/* Before 7.69.0, libcurl kept the Bearer token of a connection's first
+ * transfer and sent it on every later transfer that reused the connection
+ * (fixed by curl's "http: move oauth_bearer from connectdata to
+ * Curl_easy"): a kept-alive connection would carry another tenant's key.
+ * There the header is made here, on every transfer, and wiped after it. */
+#define CS_BEARER_HEADER 1
+#include <openssl/crypto.h>
+#endif
+
+#if LIBCURL_VERSION_NUM < 0x073f00
+/* Before 7.63.0, curl_easy_perform slept blindly (up to a second, until the
+ * next timer: the connect timeout) when a second passed without the reply,
+ * instead of watching the socket (curl's "curl_easy_perform: fix timeout
+ * handling", issue 3305): a reply after 1.3 s arrived at 2 s, or after the
+ * deadline. There each handle runs in a multi handle of its own (which
+ * keeps its connections between requests) with a wait loop here. */
+#define CS_OWN_MULTI 1
+#endif
 
 /* Easy handles kept per process, at most: one per worker thread that
  * called at the same time, up to here (ThreadsPerChild is 25 by default). */
@@ -21,14 +42,21 @@
 struct cs_upstream {
     apr_pool_t *pool;
     apr_thread_mutex_t *lock; /* guards idle and nidle */
-    /* CURL *, most recently used last; allocated once: APR pools are not
+    /* most recently used last; allocated once: APR pools are not
      * thread-safe, so nothing may grow from the worker threads */
-    CURL **idle;
+    struct cs_handle *idle;
     int nidle;
     CURLSH *share;
     apr_thread_mutex_t *share_lock[CURL_LOCK_DATA_LAST];
     int aborted; /* atomic: cs_upstream_abort */
 };
+
+/* An easy handle, and with CS_OWN_MULTI the multi handle it runs in (NULL
+ * otherwise): both keep live connections between requests. */
+typedef struct cs_handle {
+    CURL *easy;
+    CURLM *multi;
+} cs_handle;
 
 typedef struct body_buf {
     apr_pool_t *p;
@@ -70,11 +98,21 @@ static void share_unlock(CURL *h, curl_lock_data data, void *baton)
         apr_thread_mutex_unlock(u->share_lock[data]);
 }
 
+static void handle_close(cs_handle *hd)
+{
+    if (hd->multi)
+        curl_multi_cleanup(hd->multi);
+    if (hd->easy)
+        curl_easy_cleanup(hd->easy);
+    hd->easy = NULL;
+    hd->multi = NULL;
+}
+
 static apr_status_t upstream_cleanup(void *data)
 {
     cs_upstream_t *u = data;
     for (int i = 0; i < u->nidle; i++)
-        curl_easy_cleanup(u->idle[i]);
+        handle_close(&u->idle[i]);
     u->nidle = 0;
     if (u->share)
         curl_share_cleanup(u->share);
@@ -94,7 +132,7 @@ apr_status_t cs_upstream_create(apr_pool_t *p, cs_upstream_t **out,
     apr_status_t rv;
 
     u->pool = p;
-    u->idle = apr_pcalloc(p, CS_UPSTREAM_IDLE * sizeof(CURL *));
+    u->idle = apr_pcalloc(p, CS_UPSTREAM_IDLE * sizeof(*u->idle));
     rv = apr_thread_mutex_create(&u->lock, APR_THREAD_MUTEX_DEFAULT, p);
     if (rv != APR_SUCCESS) {
         *err = "cannot create the upstream client's mutex";
@@ -143,27 +181,79 @@ static int on_progress(void *baton, curl_off_t dltotal, curl_off_t dlnow,
     return __atomic_load_n(&u->aborted, __ATOMIC_ACQUIRE);
 }
 
-static CURL *acquire(cs_upstream_t *u)
+/* An idle handle, or a new one; hd->easy is NULL when none can be made. */
+static void acquire(cs_upstream_t *u, cs_handle *hd)
 {
-    CURL *h = NULL;
+    hd->easy = NULL;
+    hd->multi = NULL;
     apr_thread_mutex_lock(u->lock);
     if (u->nidle > 0)
-        h = u->idle[--u->nidle];
+        *hd = u->idle[--u->nidle];
     apr_thread_mutex_unlock(u->lock);
-    return h ? h : curl_easy_init();
+    if (hd->easy)
+        return;
+    hd->easy = curl_easy_init();
+#ifdef CS_OWN_MULTI
+    if (hd->easy && !(hd->multi = curl_multi_init()))
+        handle_close(hd);
+#endif
 }
 
-static void release(cs_upstream_t *u, CURL *h)
+static void release(cs_upstream_t *u, cs_handle *hd)
 {
     apr_thread_mutex_lock(u->lock);
     if (u->nidle < CS_UPSTREAM_IDLE) {
-        u->idle[u->nidle++] = h;
-        h = NULL;
+        u->idle[u->nidle++] = *hd;
+        hd->easy = NULL;
     }
     apr_thread_mutex_unlock(u->lock);
     /* more threads called at once than handles are kept: this one goes */
-    if (h)
-        curl_easy_cleanup(h);
+    if (hd->easy)
+        handle_close(hd);
+}
+
+/* One transfer: curl_easy_perform, or with CS_OWN_MULTI the same in the
+ * handle's own multi handle, waiting on its sockets. */
+static CURLcode perform(cs_handle *hd)
+{
+#ifdef CS_OWN_MULTI
+    CURLcode rc = CURLE_OK;
+    CURLMcode mc;
+    CURLMsg *msg;
+    int running = 1, left;
+
+    if (curl_multi_add_handle(hd->multi, hd->easy) != CURLM_OK)
+        return CURLE_FAILED_INIT;
+    for (;;) {
+        int fds = 0;
+        mc = curl_multi_perform(hd->multi, &running);
+        if (mc != CURLM_OK || !running)
+            break;
+        mc = curl_multi_wait(hd->multi, NULL, 0, 1000, &fds);
+        if (mc != CURLM_OK)
+            break;
+        if (fds == 0) {
+            /* no socket to watch (a resolver thread, a timer): a short nap
+             * instead of a busy loop, never libcurl's blind second */
+            long ms = -1;
+            curl_multi_timeout(hd->multi, &ms);
+            if (ms < 0 || ms > 10)
+                ms = 10;
+            if (ms > 0)
+                apr_sleep(apr_time_from_msec(ms));
+        }
+    }
+    while ((msg = curl_multi_info_read(hd->multi, &left)))
+        if (msg->msg == CURLMSG_DONE && msg->easy_handle == hd->easy)
+            rc = msg->data.result;
+    curl_multi_remove_handle(hd->multi, hd->easy);
+    if (mc != CURLM_OK)
+        return mc == CURLM_OUT_OF_MEMORY ? CURLE_OUT_OF_MEMORY
+                                         : CURLE_FAILED_INIT;
+    return rc;
+#else
+    return curl_easy_perform(hd->easy);
+#endif
 }
 
 static size_t on_body(char *data, size_t size, size_t n, void *baton)
@@ -357,6 +447,11 @@ static cs_up_result_e classify(CURLcode rc, const body_buf *b)
         return CS_UP_CONNECT;
     case CURLE_SSL_CONNECT_ERROR:
     case CURLE_PEER_FAILED_VERIFICATION:
+#if LIBCURL_VERSION_NUM < 0x073e00
+    /* before 7.62, an unknown CA had its own code; since, it is an alias of
+     * CURLE_PEER_FAILED_VERIFICATION */
+    case CURLE_SSL_CACERT:
+#endif
     case CURLE_SSL_CERTPROBLEM:
     case CURLE_SSL_CIPHER:
     case CURLE_SSL_CACERT_BADFILE:
@@ -376,22 +471,37 @@ static cs_up_result_e classify(CURLcode rc, const body_buf *b)
     }
 }
 
+const char *cs_upstream_os_hint(int os_errno)
+{
+    /* connect(2) fails with EACCES where a security policy forbids it:
+     * SELinux's httpd_t may not connect out by default (RHEL, Fedora) */
+    if (os_errno == EACCES)
+        return "permission denied: on SELinux systems allow httpd's outbound "
+               "connections: setsebool -P httpd_can_network_connect 1; see "
+               "docs/platforms.md";
+    return NULL;
+}
+
 void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
                        const cs_upstream_req_t *req, cs_upstream_resp_t *resp)
 {
-    CURL *h = acquire(u);
+    cs_handle hd;
+    CURL *h;
     body_buf body = {p, NULL, 0, 0, req->max_body, 0};
     header_state hs = {p, NULL};
     char errbuf[CURL_ERROR_SIZE] = "";
     struct curl_slist *headers = NULL;
     apr_time_t start = apr_time_now();
-    long status = 0, connects = 0;
+    long status = 0, connects = 0, os_errno = 0;
+    const char *hint = NULL;
     CURLcode rc;
 
     memset(resp, 0, sizeof(*resp));
+    acquire(u, &hd);
+    h = hd.easy;
     if (__atomic_load_n(&u->aborted, __ATOMIC_ACQUIRE)) {
         if (h)
-            release(u, h);
+            release(u, &hd);
         resp->result = CS_UP_ABORTED;
         resp->detail = "the process is exiting";
         return;
@@ -408,10 +518,21 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
                      cs_upstream_url(p, req->endpoint, req->user_id));
     curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, headers);
+#ifdef CS_BEARER_HEADER
+    {
+        char *auth =
+            apr_pstrcat(p, "Authorization: Bearer ", req->key->secret, NULL);
+        headers = curl_slist_append(headers, auth);
+        OPENSSL_cleanse(auth, strlen(auth));
+        /* to the API only, never in a proxy's CONNECT */
+        curl_easy_setopt(h, CURLOPT_HEADEROPT, (long)CURLHEADER_SEPARATE);
+    }
+#else
     /* libcurl builds "Authorization: Bearer <key>" itself, from the key's
      * one copy in the configuration pool. */
     curl_easy_setopt(h, CURLOPT_HTTPAUTH, (long)CURLAUTH_BEARER);
     curl_easy_setopt(h, CURLOPT_XOAUTH2_BEARER, req->key->secret);
+#endif
     curl_easy_setopt(h, CURLOPT_USERAGENT, CS_USER_AGENT);
 #if LIBCURL_VERSION_NUM >= 0x075500
     curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
@@ -466,14 +587,21 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
         curl_easy_setopt(h, CURLOPT_DEBUGDATA, req);
     }
 
-    rc = curl_easy_perform(h);
+    rc = perform(&hd);
     curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
     curl_easy_getinfo(h, CURLINFO_NUM_CONNECTS, &connects);
+    if (rc == CURLE_COULDNT_CONNECT &&
+        curl_easy_getinfo(h, CURLINFO_OS_ERRNO, &os_errno) == CURLE_OK)
+        hint = cs_upstream_os_hint((int)os_errno);
     /* nothing of this request may outlive it in the handle */
     curl_easy_setopt(h, CURLOPT_ERRORBUFFER, NULL);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
     curl_easy_setopt(h, CURLOPT_DEBUGFUNCTION, NULL);
     curl_easy_setopt(h, CURLOPT_VERBOSE, 0L);
+#ifdef CS_BEARER_HEADER
+    for (struct curl_slist *l = headers; l; l = l->next)
+        OPENSSL_cleanse(l->data, strlen(l->data));
+#endif
     curl_slist_free_all(headers);
 
     resp->result = classify(rc, &body);
@@ -484,13 +612,14 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
     resp->new_connections = connects;
     resp->elapsed = apr_time_now() - start;
     if (rc != CURLE_OK)
-        resp->detail = apr_psprintf(p, "%s%s%s", curl_easy_strerror(rc),
-                                    *errbuf ? ": " : "", errbuf);
+        resp->detail = apr_psprintf(
+            p, "%s%s%s%s%s%s", curl_easy_strerror(rc), *errbuf ? ": " : "",
+            errbuf, hint ? " (" : "", hint ? hint : "", hint ? ")" : "");
     if (resp->result == CS_UP_TOO_BIG)
         resp->detail =
             apr_psprintf(p, "the reply body exceeds %" APR_SIZE_T_FMT " bytes",
                          req->max_body);
-    release(u, h);
+    release(u, &hd);
 }
 
 int cs_upstream_retryable(const cs_upstream_resp_t *resp)

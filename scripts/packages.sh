@@ -12,6 +12,10 @@ check openssl curl"
 # (its http2 module is the HTTP/2 upstream of test_hardening) and promtool
 # (Debian 12 ships it in the prometheus package) for the alerting rules.
 CS_TEST_PACKAGES="$CS_BUILD_PACKAGES python3 valgrind clang redis-server memcached chromium nodejs prometheus"
+# shellcheck disable=SC2034 # used by scripts/compat
+# scripts/compat: building httpd 2.4.37 (PCRE 1, Debian's APR), curl from its
+# git tree, cJSON with cmake.
+CS_COMPAT_PACKAGES="libpcre3-dev libapr1-dev libaprutil1-dev cmake"
 
 cs_missing_packages() {
     local installed p missing=""

@@ -266,6 +266,34 @@ _live_mocks = []
 
 BASE_MODULES = ["authn_core", "authn_file", "authz_core", "authz_user", "authz_host", "auth_basic",
                 "socache_shmcb", "env", "setenvif", "mime", "status"]
+# Built into Debian's apache2, a module to load in a plain httpd build
+# (scripts/compat's httpd 2.4.37, RHEL's httpd): loaded when CS_HTTPD does
+# not have it built in (httpd -l).
+CORE_MODULES = ["unixd", "log_config"]
+_builtin = []
+
+
+def builtin_modules():
+    """The modules compiled into CS_HTTPD (its `-l`), as names without
+    mod_ and .c: "so", "unixd", "log_config", ..."""
+    if not _builtin:
+        out = subprocess.run([HTTPD, "-l"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env=httpd_env(), timeout=30).stdout.decode(errors="replace")
+        names = [m.group(1) for m in re.finditer(r"^\s*(?:mod_)?(\w+)\.c\s*$", out, re.M)]
+        if "so" not in names:
+            raise RuntimeError("%s -l does not list mod_so (it cannot load modules):\n%s" % (HTTPD, out))
+        _builtin.extend(names)
+    return _builtin
+
+
+def load_lines(modules):
+    """LoadModule lines for modules (names without mod_), after the core
+    modules this httpd does not have built in; a module it has built in is
+    not loaded again."""
+    builtin = builtin_modules()
+    wanted = [m for m in CORE_MODULES if m not in builtin] + [m for m in modules if m not in builtin]
+    return "\n".join("LoadModule %s_module %s/mod_%s.so" % (m, MODDIR, m)
+                     for i, m in enumerate(wanted) if m not in wanted[:i])
 
 
 class Apache:
@@ -293,8 +321,7 @@ class Apache:
         if access_log:
             global_conf = 'CustomLog "%s" "%%P %%u %%>s %%m %%U"\n%s' % (self.access_log, global_conf)
         sd = session_dir()
-        loads = "\n".join("LoadModule %s_module %s/mod_%s.so" % (m, MODDIR, m)
-                          for m in ["mpm_" + mpm] + BASE_MODULES + list(modules))
+        loads = load_lines(["mpm_" + mpm] + BASE_MODULES + list(modules))
         if mpm_conf is not None:
             pass
         elif mpm == "prefork":

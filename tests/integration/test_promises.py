@@ -205,8 +205,11 @@ class TimeoutTests(PromiseCase):
         start = time.monotonic()
         self.assert_error(a.request(port=port, user=user), 504, "upstream_timeout")
         elapsed = time.monotonic() - start
-        # libcurl: "Failed to connect to ... after N ms" or "Connection timeout after N ms"
-        m = re.search(r"127\.0\.0\.1:%d/v1: .*[Cc]onnect.* after (\d+) ms" % self.hole.port, a.log()[mark:])
+        # libcurl: "Failed to connect to ... after N ms" or "Connection timeout
+        # after N ms"; before 7.7x (RHEL 8's 7.61): "Connection timed out
+        # after N milliseconds"
+        m = re.search(r"127\.0\.0\.1:%d/v1: .*[Cc]onnect.* after (\d+) (?:ms|milliseconds)" % self.hole.port,
+                      a.log()[mark:])
         self.assertTrue(m, a.log()[mark:])
         return elapsed, int(m.group(1))
 

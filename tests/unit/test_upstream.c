@@ -6,12 +6,18 @@
 #include <apr_allocator.h>
 #include <apr_strings.h>
 #include <apr_tables.h>
+#include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -331,6 +337,77 @@ START_TEST(connection_refused)
     ck_assert(cs_upstream_retryable(&resp));
     ck_assert_ptr_nonnull(resp.detail);
     ck_assert_ptr_null(strstr(resp.detail, KEY));
+    /* ECONNREFUSED is no permission problem */
+    ck_assert_ptr_null(strstr(resp.detail, "SELinux"));
+}
+END_TEST
+
+/* From now on connect(2) fails with EACCES in this process, as it does for
+ * httpd under an SELinux policy that denies it name_connect. */
+static int deny_connect(void)
+{
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_connect, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EACCES),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof(f) / sizeof(f[0]), f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+        return -1;
+    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog);
+}
+
+START_TEST(hints_at_selinux_when_connect_is_denied)
+{
+    cs_upstream_req_t r = request(endpoint(), "alice", key(KEY));
+    cs_upstream_resp_t resp;
+    char out[2048] = "";
+    int fds[2], status;
+    ssize_t n, got = 0;
+    pid_t pid;
+
+    ck_assert_ptr_nonnull(cs_upstream_os_hint(EACCES));
+    ck_assert_ptr_nonnull(strstr(cs_upstream_os_hint(EACCES),
+                                 "setsebool -P httpd_can_network_connect 1"));
+    ck_assert_ptr_null(cs_upstream_os_hint(ECONNREFUSED));
+    ck_assert_ptr_null(cs_upstream_os_hint(0));
+
+    /* a real EACCES from connect(2), in a child process of its own (the
+     * filter cannot be taken off again) with a client of its own (no kept
+     * connection to reuse) */
+    ck_assert_int_eq(pipe(fds), 0);
+    pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        cs_upstream_t *u;
+        const char *err;
+        close(fds[0]);
+        if (deny_connect() != 0) {
+            dprintf(fds[1], "no seccomp filter: %s", strerror(errno));
+            _exit(2);
+        }
+        if (cs_upstream_create(tp, &u, &err) != APR_SUCCESS)
+            _exit(3);
+        cs_upstream_fetch(u, tp, &r, &resp);
+        dprintf(fds[1], "%d %s", (int)resp.result,
+                resp.detail ? resp.detail : "(no detail)");
+        _exit(0);
+    }
+    close(fds[1]);
+    while (got < (ssize_t)sizeof(out) - 1 &&
+           (n = read(fds[0], out + got, sizeof(out) - 1 - got)) > 0)
+        got += n;
+    close(fds[0]);
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "the child failed (status %d): %s", status, out);
+    ck_assert_msg(atoi(out) == CS_UP_CONNECT, "not a connect failure: %s", out);
+    ck_assert_msg(strstr(out, "(permission denied: on SELinux systems allow "
+                              "httpd's outbound connections: setsebool -P "
+                              "httpd_can_network_connect 1; see "
+                              "docs/platforms.md)"),
+                  "no SELinux hint in: %s", out);
 }
 END_TEST
 
@@ -498,6 +575,7 @@ Suite *upstream_suite(void)
     tcase_add_test(live, does_not_follow_redirects);
     tcase_add_test(live, times_out);
     tcase_add_test(live, connection_refused);
+    tcase_add_test(live, hints_at_selinux_when_connect_is_denied);
     tcase_add_test(live, refuses_a_peer_that_does_not_speak_tls);
     tcase_add_test(live, reuses_the_connection);
     tcase_add_test(live, trace_masks_the_key);
