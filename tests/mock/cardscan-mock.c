@@ -41,7 +41,7 @@
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
 
-#define MAX_CONNS 512
+#define MAX_CONNS 2048
 #define MAX_HEADERS 100
 #define REQ_BUF_SIZE (64 * 1024)
 #define IDLE_TIMEOUT_SECS 30
@@ -189,7 +189,7 @@ static struct {
     unsigned long
         epoch; /* bumped by reset, so that open connections count afresh */
     unsigned long calls, calls_ok, connections, tls_connections, next_jti,
-        next_conn_id;
+        next_conn_id, over_cap;
     cJSON *user_ids, *requests;
     size_t n_user_ids, n_requests;
     /* every token issued: jti -> the user it names, in jti order */
@@ -924,17 +924,23 @@ static void handle_issued(struct conn *c, const struct request *req,
     free(text);
 }
 
-static void handle_stats(struct conn *c, bool alive)
+static void handle_stats(struct conn *c, const struct request *req,
+                         bool alive)
 {
+    bool brief = req->query && strstr(req->query, "brief=1");
     pthread_mutex_lock(&g.lock);
     cJSON *root = cJSON_CreateObject();
     cJSON_AddNumberToObject(root, "calls", (double)g.calls);
     cJSON_AddNumberToObject(root, "connections", (double)g.connections);
     cJSON_AddNumberToObject(root, "tls_connections", (double)g.tls_connections);
     cJSON_AddNumberToObject(root, "calls_ok", (double)g.calls_ok);
+    cJSON_AddNumberToObject(root, "issued", (double)g.n_issued);
+    cJSON_AddNumberToObject(root, "over_cap", (double)g.over_cap);
     /* References: no copy of up to 10000 logged requests on every read. */
-    cJSON_AddItemReferenceToObject(root, "user_ids", g.user_ids);
-    cJSON_AddItemReferenceToObject(root, "requests", g.requests);
+    if (!brief) {
+        cJSON_AddItemReferenceToObject(root, "user_ids", g.user_ids);
+        cJSON_AddItemReferenceToObject(root, "requests", g.requests);
+    }
     char *text = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
     pthread_mutex_unlock(&g.lock);
@@ -955,7 +961,7 @@ static void reset_state_locked(void)
     }
     g.n_issued = 0;
     g.n_salted = 0;
-    g.calls = g.calls_ok = g.connections = g.tls_connections = 0;
+    g.calls = g.calls_ok = g.connections = g.tls_connections = g.over_cap = 0;
     g.epoch++;
     g.cfg = (struct config){.fault = FAULT_NONE,
                             .fault_remaining = -1,
@@ -1098,7 +1104,7 @@ static void *connection_thread(void *arg)
         act = req.keep_alive ? ACT_KEEP : ACT_CLOSE;
         size_t path_len = strlen(req.path);
         if (strcmp(req.path, "/_mock/stats") == 0) {
-            handle_stats(c, req.keep_alive);
+            handle_stats(c, &req, req.keep_alive);
         }
         else if (strcmp(req.path, "/_mock/issued") == 0) {
             handle_issued(c, &req, req.keep_alive);
@@ -1147,6 +1153,7 @@ static void accept_connection(int listen_fd, bool tls, int local_port)
     while (slot < MAX_CONNS && g.conn_fds[slot] >= 0)
         slot++;
     if (slot == MAX_CONNS || g.stopping) {
+        g.over_cap += slot == MAX_CONNS;
         pthread_mutex_unlock(&g.lock);
         close(fd); /* over the cap: accepted, then closed at once */
         return;
