@@ -10,7 +10,8 @@ check openssl curl"
 # Running the whole test suite: the above plus sanitizers, valgrind, the
 # Python integration tests, the shared-cache backends, a browser and node
 # (its http2 module is the HTTP/2 upstream of test_hardening).
-CS_TEST_PACKAGES="$CS_BUILD_PACKAGES python3 valgrind clang redis-server memcached chromium nodejs"
+# prometheus: the alerting rules checked live by test_soak.py.
+CS_TEST_PACKAGES="$CS_BUILD_PACKAGES python3 valgrind clang redis-server memcached chromium nodejs prometheus"
 
 cs_missing_packages() {
     local installed p missing=""
