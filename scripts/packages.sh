@@ -10,7 +10,8 @@ check openssl curl"
 # Running the whole test suite: the above plus sanitizers, valgrind, the
 # Python integration tests, the shared-cache backends, a browser, node
 # (its http2 module is the HTTP/2 upstream of test_hardening) and promtool
-# (Debian 12 ships it in the prometheus package) for the alerting rules.
+# (Debian 12 ships it in the prometheus package) for the alerting rules
+# (checked by the rules stage, and live by test_soak.py).
 CS_TEST_PACKAGES="$CS_BUILD_PACKAGES python3 valgrind clang redis-server memcached chromium nodejs prometheus"
 # shellcheck disable=SC2034 # used by scripts/compat
 # scripts/compat: building httpd 2.4.37 (PCRE 1, Debian's APR), curl from its

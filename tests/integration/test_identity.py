@@ -70,7 +70,7 @@ class IdentityPinningTest(MockTestCase):
         time.sleep(5.2)  # the negative cache (5 s) runs out
         self.assertEqual(a.request()[0], 502)
         # the API gives the user's own identity back: served again
-        self.mock.config(identity_salt=0)
+        self.mock.config(identity_salt="")
         deadline = time.time() + 10
         while a.request()[0] != 200:
             self.assertLess(time.time(), deadline, "the user's own identity is served again")

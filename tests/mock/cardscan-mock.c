@@ -41,7 +41,7 @@
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
 
-#define MAX_CONNS 512
+#define MAX_CONNS 2048
 #define MAX_HEADERS 100
 #define REQ_BUF_SIZE (64 * 1024)
 #define IDLE_TIMEOUT_SECS 30
@@ -49,6 +49,8 @@
 #define MAX_LOGGED_REQUESTS 10000
 #define MAX_LOGGED_USER_IDS 100000
 #define HANG_MS 30000
+#define MAX_SALTED_USERS 256
+#define MAX_SALT_LEN 64
 #define SIGNATURE_BYTES 256
 #define OVERSIZED_SIGNATURE_BYTES                                              \
     (150 * 1024) /* 200 KiB once base64url-encoded */
@@ -159,7 +161,7 @@ struct config {
     long latency_ms, lifetime, clock_skew, session_id, retry_after;
     char fault_user[256]; /* "": the fault applies to every user */
     long signature_bytes; /* of a token's signature part; 0 = the default */
-    long identity_salt;   /* mixed into IdentityIds; 0: none (the default) */
+    char identity_salt[MAX_SALT_LEN]; /* "": IdentityId = f(user_id) */
 };
 
 /* The numeric settings of /_mock/config, with their accepted ranges. */
@@ -175,7 +177,6 @@ static const struct {
     {"session_id", offsetof(struct config, session_id), 0, 1},
     {"retry_after", offsetof(struct config, retry_after), 0, 1000000000},
     {"signature_bytes", offsetof(struct config, signature_bytes), 0, 1000000},
-    {"identity_salt", offsetof(struct config, identity_salt), 0, 1000000000},
 };
 
 /* Everything shared between threads, guarded by `lock`. */
@@ -188,9 +189,20 @@ static struct {
     unsigned long
         epoch; /* bumped by reset, so that open connections count afresh */
     unsigned long calls, calls_ok, connections, tls_connections, next_jti,
-        next_conn_id;
+        next_conn_id, over_cap;
     cJSON *user_ids, *requests;
     size_t n_user_ids, n_requests;
+    /* every token issued: jti -> the user it names, in jti order */
+    struct issued {
+        unsigned long jti;
+        char *user_id, *identity;
+    } *issued;
+    size_t n_issued, cap_issued;
+    /* identity_salt of single users (identity_user=U) */
+    struct {
+        char user[256], salt[MAX_SALT_LEN];
+    } salted[MAX_SALTED_USERS];
+    int n_salted;
     int conn_fds[MAX_CONNS]; /* -1 = free; lets shutdown wake blocked readers */
     int active;
 } g = {.lock = PTHREAD_MUTEX_INITIALIZER};
@@ -382,11 +394,9 @@ static void format_uuid(unsigned char b[16], int version, char out[37])
 }
 
 /* Real IdentityIds are stable per user, so derive one from SHA-256(user_id);
- * without a user_id Cognito would mint a fresh identity: random. A salt
- * (identity_salt) gives every user another stable identity: an upstream that
- * mixed people up, for identity pinning's tests. */
-static void make_ids(const char *user_id, long salt, char identity[48],
-                     char session[37])
+ * without a user_id Cognito would mint a fresh identity: random. */
+static void make_ids(const char *user_id, const char *salt,
+                     char identity[48], char session[37])
 {
     unsigned char bytes[EVP_MAX_MD_SIZE], random[16];
     unsigned int digest_len = 0;
@@ -394,13 +404,15 @@ static void make_ids(const char *user_id, long salt, char identity[48],
     if (RAND_bytes(random, sizeof random) != 1)
         abort();
     format_uuid(random, 4, session);
-    if (user_id && salt) {
-        char *salted = NULL;
-        if (asprintf(&salted, "%ld\n%s", salt, user_id) < 0)
+    if (user_id && salt && salt[0]) {
+        /* identity_salt: SHA-256(salt NUL user_id), another stable id */
+        EVP_MD_CTX *md = EVP_MD_CTX_new();
+        if (!md || EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1 ||
+            EVP_DigestUpdate(md, salt, strlen(salt) + 1) != 1 ||
+            EVP_DigestUpdate(md, user_id, strlen(user_id)) != 1 ||
+            EVP_DigestFinal_ex(md, bytes, &digest_len) != 1)
             abort();
-        EVP_Digest(salted, strlen(salted), bytes, &digest_len, EVP_sha256(),
-                   NULL);
-        free(salted);
+        EVP_MD_CTX_free(md);
     }
     else if (user_id)
         EVP_Digest(user_id, strlen(user_id), bytes, &digest_len, EVP_sha256(),
@@ -714,7 +726,8 @@ static void log_append(cJSON *array, size_t *count, size_t cap, cJSON *item)
 /* The 200 reply with a token, bent the way `fault` asks. */
 static enum action send_token(struct conn *c, enum fault fault,
                               const struct config *cfg, const char *user_id,
-                              unsigned long jti, bool alive)
+                              unsigned long jti, const char *identity,
+                              const char *session, bool alive)
 {
     long now = (long)time(NULL), iat = now + cfg->clock_skew,
          exp = iat + cfg->lifetime;
@@ -730,9 +743,6 @@ static enum action send_token(struct conn *c, enum fault fault,
                          fault == FAULT_OVERSIZED ? OVERSIZED_SIGNATURE_BYTES
                          : cfg->signature_bytes   ? (size_t)cfg->signature_bytes
                                                   : SIGNATURE_BYTES);
-    char identity[48], session[37];
-    make_ids(user_id, cfg->identity_salt, identity, session);
-
     cJSON *body = cJSON_CreateObject();
     if (fault != FAULT_NOTOKEN)
         cJSON_AddStringToObject(body, "Token",
@@ -798,6 +808,25 @@ static enum action handle_api(struct conn *c, const struct request *req)
         *(tls ? &g.tls_connections : &g.connections) += 1;
     }
     unsigned long jti = ++g.next_jti;
+    const char *salt = cfg.identity_salt;
+    for (int i = 0; user_id && i < g.n_salted; i++)
+        if (strcmp(g.salted[i].user, user_id) == 0)
+            salt = g.salted[i].salt;
+    char identity[48], session[37];
+    make_ids(user_id, salt, identity, session);
+    if (is_get && status == 200 && !fault_info[outcome].body) {
+        /* a reply that carries a token: remember whose it is */
+        if (g.n_issued == g.cap_issued) {
+            g.cap_issued = g.cap_issued ? 2 * g.cap_issued : 4096;
+            g.issued = realloc(g.issued, g.cap_issued * sizeof *g.issued);
+            if (!g.issued)
+                abort();
+        }
+        g.issued[g.n_issued++] = (struct issued){
+            .jti = jti,
+            .user_id = strdup(user_id ? user_id : "anonymous"),
+            .identity = strdup(identity)};
+    }
     for (cJSON *u = user_ids->child; u; u = u->next)
         log_append(g.user_ids, &g.n_user_ids, MAX_LOGGED_USER_IDS,
                    cJSON_CreateString(u->valuestring));
@@ -845,24 +874,73 @@ static enum action handle_api(struct conn *c, const struct request *req)
                       extra, fixed_body, strlen(fixed_body), strlen(fixed_body),
                       act == ACT_KEEP);
     else
-        act = send_token(c, fault, &cfg, user_id, jti, act == ACT_KEEP);
+        act = send_token(c, fault, &cfg, user_id, jti, identity, session,
+                         act == ACT_KEEP);
     cJSON_Delete(user_ids);
     return act;
 }
 
 /* -------------------------------------------------------- control endpoints */
 
-static void handle_stats(struct conn *c, bool alive)
+/* GET /_mock/issued?from=JTI: the tokens issued from that jti on, as
+ * [jti, user_id, IdentityId] (at most 100000 per reply; "next" says where
+ * to go on). */
+static void handle_issued(struct conn *c, const struct request *req,
+                          bool alive)
 {
+    long from = 0;
+    char *k, *v;
+    for (const char *cursor = req->query; next_param(&cursor, &k, &v);) {
+        if (strcmp(k, "from") == 0)
+            parse_long(v, 0, LONG_MAX, &from);
+        free(k);
+        free(v);
+    }
+    pthread_mutex_lock(&g.lock);
+    size_t lo = 0, hi = g.n_issued; /* first entry with jti >= from */
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (g.issued[mid].jti < (unsigned long)from)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    cJSON *root = cJSON_CreateObject(), *list = cJSON_CreateArray();
+    unsigned long next = (unsigned long)from;
+    for (size_t i = lo, n = 0; i < g.n_issued && n < 100000; i++, n++) {
+        cJSON *row = cJSON_CreateArray();
+        cJSON_AddItemToArray(row, cJSON_CreateNumber((double)g.issued[i].jti));
+        cJSON_AddItemToArray(row, clean_string(g.issued[i].user_id));
+        cJSON_AddItemToArray(row, cJSON_CreateString(g.issued[i].identity));
+        cJSON_AddItemToArray(list, row);
+        next = g.issued[i].jti + 1;
+    }
+    pthread_mutex_unlock(&g.lock);
+    cJSON_AddNumberToObject(root, "next", (double)next);
+    cJSON_AddItemToObject(root, "issued", list);
+    char *text = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    send_json(c, 200, NULL, text, alive);
+    free(text);
+}
+
+static void handle_stats(struct conn *c, const struct request *req,
+                         bool alive)
+{
+    bool brief = req->query && strstr(req->query, "brief=1");
     pthread_mutex_lock(&g.lock);
     cJSON *root = cJSON_CreateObject();
     cJSON_AddNumberToObject(root, "calls", (double)g.calls);
     cJSON_AddNumberToObject(root, "connections", (double)g.connections);
     cJSON_AddNumberToObject(root, "tls_connections", (double)g.tls_connections);
     cJSON_AddNumberToObject(root, "calls_ok", (double)g.calls_ok);
+    cJSON_AddNumberToObject(root, "issued", (double)g.n_issued);
+    cJSON_AddNumberToObject(root, "over_cap", (double)g.over_cap);
     /* References: no copy of up to 10000 logged requests on every read. */
-    cJSON_AddItemReferenceToObject(root, "user_ids", g.user_ids);
-    cJSON_AddItemReferenceToObject(root, "requests", g.requests);
+    if (!brief) {
+        cJSON_AddItemReferenceToObject(root, "user_ids", g.user_ids);
+        cJSON_AddItemReferenceToObject(root, "requests", g.requests);
+    }
     char *text = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
     pthread_mutex_unlock(&g.lock);
@@ -877,7 +955,13 @@ static void reset_state_locked(void)
     g.user_ids = cJSON_CreateArray();
     g.requests = cJSON_CreateArray();
     g.n_user_ids = g.n_requests = 0;
-    g.calls = g.calls_ok = g.connections = g.tls_connections = 0;
+    for (size_t i = 0; i < g.n_issued; i++) {
+        free(g.issued[i].user_id);
+        free(g.issued[i].identity);
+    }
+    g.n_issued = 0;
+    g.n_salted = 0;
+    g.calls = g.calls_ok = g.connections = g.tls_connections = g.over_cap = 0;
     g.epoch++;
     g.cfg = (struct config){.fault = FAULT_NONE,
                             .fault_remaining = -1,
@@ -892,8 +976,9 @@ static void handle_config(struct conn *c, const struct request *req, bool alive)
     char error[256] = "", *k, *v;
     pthread_mutex_lock(&g.lock);
     struct config next = g.cfg;
-    bool fault_set = false;
+    bool fault_set = false, salt_set = false;
     long count = -1;
+    char salt[MAX_SALT_LEN] = "", salt_user[256] = "";
     for (const char *cursor = req->query;
          !error[0] && next_param(&cursor, &k, &v);) {
         bool known = true, valid = true;
@@ -907,6 +992,17 @@ static void handle_config(struct conn *c, const struct request *req, bool alive)
         }
         else if (strcmp(k, "fault_count") == 0) {
             valid = parse_long(v, 0, LONG_MAX, &count);
+        }
+        else if (strcmp(k, "identity_salt") == 0) {
+            valid = strlen(v) < sizeof next.identity_salt;
+            if (valid)
+                snprintf(salt, sizeof salt, "%s", v);
+            salt_set = valid;
+        }
+        else if (strcmp(k, "identity_user") == 0) {
+            valid = strlen(v) < sizeof g.salted[0].user && v[0];
+            if (valid)
+                snprintf(salt_user, sizeof salt_user, "%s", v);
         }
         else if (strcmp(k, "fault_user") == 0) {
             valid = strlen(v) < sizeof next.fault_user;
@@ -933,6 +1029,24 @@ static void handle_config(struct conn *c, const struct request *req, bool alive)
         free(k);
         free(v);
     }
+    if (!error[0] && salt_user[0] && !salt_set)
+        snprintf(error, sizeof error, "identity_user needs identity_salt");
+    if (!error[0] && salt_set && salt_user[0]) {
+        int i = 0;
+        while (i < g.n_salted && strcmp(g.salted[i].user, salt_user) != 0)
+            i++;
+        if (i == MAX_SALTED_USERS)
+            snprintf(error, sizeof error, "too many identity_user values");
+        else {
+            if (i == g.n_salted)
+                g.n_salted++;
+            snprintf(g.salted[i].user, sizeof g.salted[i].user, "%s",
+                     salt_user);
+            snprintf(g.salted[i].salt, sizeof g.salted[i].salt, "%s", salt);
+        }
+    }
+    else if (!error[0] && salt_set)
+        snprintf(next.identity_salt, sizeof next.identity_salt, "%s", salt);
     if (!error[0]) {
         if (count >= 0)
             next.fault_remaining = count;
@@ -990,7 +1104,10 @@ static void *connection_thread(void *arg)
         act = req.keep_alive ? ACT_KEEP : ACT_CLOSE;
         size_t path_len = strlen(req.path);
         if (strcmp(req.path, "/_mock/stats") == 0) {
-            handle_stats(c, req.keep_alive);
+            handle_stats(c, &req, req.keep_alive);
+        }
+        else if (strcmp(req.path, "/_mock/issued") == 0) {
+            handle_issued(c, &req, req.keep_alive);
         }
         else if (strcmp(req.path, "/_mock/config") == 0) {
             handle_config(c, &req, req.keep_alive);
@@ -1036,6 +1153,7 @@ static void accept_connection(int listen_fd, bool tls, int local_port)
     while (slot < MAX_CONNS && g.conn_fds[slot] >= 0)
         slot++;
     if (slot == MAX_CONNS || g.stopping) {
+        g.over_cap += slot == MAX_CONNS;
         pthread_mutex_unlock(&g.lock);
         close(fd); /* over the cap: accepted, then closed at once */
         return;
@@ -1145,7 +1263,8 @@ static void usage(FILE *out)
         "  --lifetime SECS   token lifetime, exp - iat (default 900)\n"
         "  --pid-file FILE   write the process id there\n"
         "  --verbose         log each API call to stderr\n"
-        "Control: GET /_mock/stats, /_mock/config?k=v&..., /_mock/reset (see "
+        "Control: GET /_mock/stats, /_mock/issued?from=JTI, "
+        "/_mock/config?k=v&...,\n         /_mock/reset (see "
         "README.md)\n",
         out);
 }
@@ -1295,6 +1414,11 @@ cleanup:
     if (idle) {
         cJSON_Delete(g.user_ids);
         cJSON_Delete(g.requests);
+        for (size_t i = 0; i < g.n_issued; i++) {
+            free(g.issued[i].user_id);
+            free(g.issued[i].identity);
+        }
+        free(g.issued);
     }
     pthread_mutex_unlock(&g.lock);
     if (idle)
