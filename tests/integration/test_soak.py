@@ -140,9 +140,20 @@ scrape_configs:
         f = re.search(r"\bfor:\s*(\d+)([smh])", m.group(1)) if m else None
         return int(f.group(1)) * {"s": 1, "m": 60, "h": 3600}[f.group(2)] if f else 0
 
+    def rule_window_seconds(self, name):
+        """The longest range ([3m]) in the named alert's expression, in seconds."""
+        import re
+        with open(self.rules) as f:
+            text = f.read()
+        m = re.search(r"alert:\s*%s\b(.*?)(?=\n\s*-\s*alert:|\Z)" % name, text, re.S)
+        ranges = re.findall(r"\[(\d+)([smh])\]", m.group(1)) if m else []
+        return max([int(n) * {"s": 1, "m": 60, "h": 3600}[u] for n, u in ranges] or [0])
+
     def test_breaker_open_alert_fires_during_an_outage_and_clears_after(self):
         self.start_prometheus()
         pending = self.rule_for_seconds("CardScanBreakerOpen")
+        # an opening stays in the expression for its range after the last one
+        window = self.rule_window_seconds("CardScanBreakerOpen")
         # both targets up and scraped
         wait_for(lambda: len([r for r in (self.api("/api/v1/query?query=" + urllib.parse.quote("up == 1")) or {})
                               .get("data", {}).get("result", [])]) == 2, 30, "both servers scraped")
@@ -170,7 +181,7 @@ scrape_configs:
             for a in self.servers:
                 a.request(user="alice")
             return not self.firing("CardScanBreakerOpen")
-        wait_for(cleared, 60, "CardScanBreakerOpen to clear after the outage")
+        wait_for(cleared, window + 60, "CardScanBreakerOpen to clear after the outage")
         for a in self.servers:
             self.assertEqual(a.request(user="bob")[0], 200)
 
