@@ -179,6 +179,12 @@ static const struct {
     {"signature_bytes", offsetof(struct config, signature_bytes), 0, 1000000},
 };
 
+/* A token the mock issued: its jti, the user it names, the IdentityId. */
+struct issued {
+    unsigned long jti;
+    char *user_id, *identity;
+};
+
 /* Everything shared between threads, guarded by `lock`. */
 static struct {
     pthread_mutex_t lock;
@@ -193,10 +199,7 @@ static struct {
     cJSON *user_ids, *requests;
     size_t n_user_ids, n_requests;
     /* every token issued: jti -> the user it names, in jti order */
-    struct issued {
-        unsigned long jti;
-        char *user_id, *identity;
-    } *issued;
+    struct issued *issued;
     size_t n_issued, cap_issued;
     /* identity_salt of single users (identity_user=U) */
     struct {
@@ -395,8 +398,8 @@ static void format_uuid(unsigned char b[16], int version, char out[37])
 
 /* Real IdentityIds are stable per user, so derive one from SHA-256(user_id);
  * without a user_id Cognito would mint a fresh identity: random. */
-static void make_ids(const char *user_id, const char *salt,
-                     char identity[48], char session[37])
+static void make_ids(const char *user_id, const char *salt, char identity[48],
+                     char session[37])
 {
     unsigned char bytes[EVP_MAX_MD_SIZE], random[16];
     unsigned int digest_len = 0;
@@ -822,10 +825,10 @@ static enum action handle_api(struct conn *c, const struct request *req)
             if (!g.issued)
                 abort();
         }
-        g.issued[g.n_issued++] = (struct issued){
-            .jti = jti,
-            .user_id = strdup(user_id ? user_id : "anonymous"),
-            .identity = strdup(identity)};
+        g.issued[g.n_issued++] =
+            (struct issued){.jti = jti,
+                            .user_id = strdup(user_id ? user_id : "anonymous"),
+                            .identity = strdup(identity)};
     }
     for (cJSON *u = user_ids->child; u; u = u->next)
         log_append(g.user_ids, &g.n_user_ids, MAX_LOGGED_USER_IDS,
@@ -885,8 +888,7 @@ static enum action handle_api(struct conn *c, const struct request *req)
 /* GET /_mock/issued?from=JTI: the tokens issued from that jti on, as
  * [jti, user_id, IdentityId] (at most 100000 per reply; "next" says where
  * to go on). */
-static void handle_issued(struct conn *c, const struct request *req,
-                          bool alive)
+static void handle_issued(struct conn *c, const struct request *req, bool alive)
 {
     long from = 0;
     char *k, *v;
@@ -924,8 +926,7 @@ static void handle_issued(struct conn *c, const struct request *req,
     free(text);
 }
 
-static void handle_stats(struct conn *c, const struct request *req,
-                         bool alive)
+static void handle_stats(struct conn *c, const struct request *req, bool alive)
 {
     bool brief = req->query && strstr(req->query, "brief=1");
     pthread_mutex_lock(&g.lock);
