@@ -202,6 +202,37 @@ class FleetTests(MockTestCase):
         self.assertEqual(self.mock.calls(), 2)
         self.assertIn("ignoring a cache entry", servers[1].log())
 
+    def test_failed_refresh_never_takes_over_another_servers_lock(self):
+        """A refresh that failed keeps its user's lock a while longer (no
+        process retries at once), but only a lock that is still its own:
+        when its lock expired during the call and another server took it,
+        that server's lock stays."""
+        self.mock.config(lifetime=20)
+        a = self.apache(mpm="event", global_conf=fleet_conf(self.mock, "redis:127.0.0.1:%d" % self.redis.port))
+        t0 = time.monotonic()
+        self.assertEqual(a.request(user="alice")[0], 200)
+        # every later call for alice: 1.5 s, then a 500
+        self.mock.config(fault="500", fault_user="alice", latency_ms=1500)
+        # inside the refresh window (from 7.5 s of a 20 s token served 10 s)
+        time.sleep(max(0.0, t0 + 8.0 - time.monotonic()))
+        mark = len(a.log())
+        self.assertEqual(a.request(user="alice")[0], 200)
+
+        def lock_key():
+            keys = [k for k in self.redis.keys() if k.endswith(b"4c")]  # 'L'
+            return keys[0] if keys else None
+        wait_for(lock_key, 5, "the refresh's lock in Redis")
+        key = lock_key()
+        # the owner is this host's process: host/pid/counter/time
+        self.assertEqual(self.redis.value("GET", key).count(b"/"), 3)
+        # the refresh's lock is taken by a process of another server (as
+        # after its expiry) while the call is still out
+        other = b"web9.example/4242/1/1700000000000000"
+        self.assertEqual(self.redis.value("SET", key, other, "PX", "60000"), b"OK")
+        wait_for(lambda: "AH10532" in a.log()[mark:], 10, "the failed refresh (AH10532)")
+        self.assertEqual(self.redis.value("GET", key), other,
+                         "a failed refresh put its own lock over another server's")
+
     def test_garbage_entry_starts_the_back_off(self):
         """A cache server that answers with something that is no entry at
         all is a failing one: the back-off starts (AH10527)."""
