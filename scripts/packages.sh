@@ -52,7 +52,10 @@ cs_ensure_packages() {
     fi
     echo "installing: $missing"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get -o DPkg::Lock::Timeout=600 update
+    # one update per run: .ci/run's second script finds the lists fresh
+    if [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -60 2>/dev/null | head -1)" ]; then
+        apt-get -o DPkg::Lock::Timeout=600 update
+    fi
     # shellcheck disable=SC2086
     apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends $missing
     # apache2's postinst may start the distribution's own apache2 service; the
