@@ -369,9 +369,10 @@ apr_status_t cs_shmcb_setup(apr_pool_t *pconf, apr_pool_t *ptemp, server_rec *s,
                             cs_store_t **store)
 {
     /* shmcb sizes its index by the average object: a user has a token
-     * (~2.4 KB with CardScan's JWTs) and, for a moment per call, a small
-     * lock entry that keeps its index slot until the cycle reclaims it */
-    struct ap_socache_hints hints = {CS_STORE_ID_LEN, 1200,
+     * (~2.4 KB with CardScan's JWTs), an identity pin (~200 B) and, for a
+     * moment per call, a small lock entry that keeps its index slot until
+     * the cycle reclaims it (600: bench/capacity, docs/benchmarks.md) */
+    struct ap_socache_hints hints = {CS_STORE_ID_LEN, 600,
                                      apr_time_from_sec(30)};
     const char **shard_args, *err;
     apr_status_t rv;
