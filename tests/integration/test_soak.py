@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from harness import SRCDIR, BUILDDIR, Apache, Mock, apache_conf, free_port, wait
 
 REDIS = shutil.which("redis-server")
 PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if os.path.exists("/usr/bin/prometheus") else None)
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
 SOAK_SEED = int(os.environ.get("CS_SOAK_SEED", "7"))
 SOAK_MINUTES = float(os.environ.get("CS_SOAK_MINUTES", "2"))
 # Under the sanitizers (CS_HTTPD_PRELOAD) every apache2 process is several
@@ -131,23 +133,21 @@ scrape_configs:
         return [a for a in doc.get("data", {}).get("alerts", [])
                 if a["labels"].get("alertname") == name and a["state"] == "firing"]
 
-    def rule_for_seconds(self, name):
-        """The `for:` of the named alert in the rules file, in seconds (0 if none)."""
-        import re
+    def rule_text(self, name):
+        """The named alert's block in the rules file ("" if none)."""
         with open(self.rules) as f:
-            text = f.read()
-        m = re.search(r"alert:\s*%s\b(.*?)(?=\n\s*-\s*alert:|\Z)" % name, text, re.S)
-        f = re.search(r"\bfor:\s*(\d+)([smh])", m.group(1)) if m else None
-        return int(f.group(1)) * {"s": 1, "m": 60, "h": 3600}[f.group(2)] if f else 0
+            m = re.search(r"alert:\s*%s\b(.*?)(?=\n\s*-\s*alert:|\Z)" % name, f.read(), re.S)
+        return m.group(1) if m else ""
+
+    def rule_for_seconds(self, name):
+        """The `for:` of the named alert, in seconds (0 if none)."""
+        f = re.search(r"\bfor:\s*(\d+)([smh])", self.rule_text(name))
+        return int(f.group(1)) * UNIT_SECONDS[f.group(2)] if f else 0
 
     def rule_window_seconds(self, name):
         """The longest range ([3m]) in the named alert's expression, in seconds."""
-        import re
-        with open(self.rules) as f:
-            text = f.read()
-        m = re.search(r"alert:\s*%s\b(.*?)(?=\n\s*-\s*alert:|\Z)" % name, text, re.S)
-        ranges = re.findall(r"\[(\d+)([smh])\]", m.group(1)) if m else []
-        return max([int(n) * {"s": 1, "m": 60, "h": 3600}[u] for n, u in ranges] or [0])
+        ranges = re.findall(r"\[(\d+)([smh])\]", self.rule_text(name))
+        return max([int(n) * UNIT_SECONDS[u] for n, u in ranges] or [0])
 
     def test_breaker_open_alert_fires_during_an_outage_and_clears_after(self):
         self.start_prometheus()
