@@ -4,7 +4,14 @@
  * connections between requests, so a series of misses reuses one TCP+TLS
  * connection. DNS and TLS sessions are shared between the handles; the
  * connection cache is not, since libcurl does not support sharing it across
- * concurrent threads. */
+ * concurrent threads.
+ *
+ * A handle serves one route only: the proxy and proxy credentials its
+ * connections were opened with. libcurl 7.61.1 (RHEL 8) matches a proxy
+ * connection by the proxy's host and port alone, so a tunnel that one
+ * virtual host's CardScanProxy credentials opened would carry another's
+ * calls, whose own credentials the proxy refuses (test_proxy; 7.88.1 opens
+ * a new tunnel there). */
 #include "cardscan.h"
 
 #include <apr_date.h>
@@ -52,10 +59,13 @@ struct cs_upstream {
 };
 
 /* An easy handle, and with CS_OWN_MULTI the multi handle it runs in (NULL
- * otherwise): both keep live connections between requests. */
+ * otherwise): both keep live connections between requests, opened for its
+ * route: cs_sha256_pair(proxy, proxy credentials), all zero for no proxy. */
 typedef struct cs_handle {
     CURL *easy;
     CURLM *multi;
+    unsigned char route[CS_SHA256_LEN];
+    int pooled; /* 0: its route is unknown; closed after one transfer */
 } cs_handle;
 
 typedef struct body_buf {
@@ -181,15 +191,35 @@ static int on_progress(void *baton, curl_off_t dltotal, curl_off_t dlnow,
     return __atomic_load_n(&u->aborted, __ATOMIC_ACQUIRE);
 }
 
-/* An idle handle, or a new one; hd->easy is NULL when none can be made. */
-static void acquire(cs_upstream_t *u, cs_handle *hd)
+static int via_proxy(const cs_upstream_req_t *req)
 {
-    hd->easy = NULL;
-    hd->multi = NULL;
-    apr_thread_mutex_lock(u->lock);
-    if (u->nidle > 0)
-        *hd = u->idle[--u->nidle];
-    apr_thread_mutex_unlock(u->lock);
+    /* an http:// endpoint is a loopback one (cs_endpoint_check): never
+     * through a proxy, which would see the key in clear */
+    return req->proxy && strncasecmp(req->endpoint, "http://", 7) != 0;
+}
+
+/* The most recently used idle handle of req's route, or a new one;
+ * hd->easy is NULL when none can be made. */
+static void acquire(cs_upstream_t *u, const cs_upstream_req_t *req,
+                    cs_handle *hd)
+{
+    memset(hd, 0, sizeof(*hd));
+    hd->pooled = via_proxy(req)
+                     ? cs_sha256_pair(req->proxy, req->proxy_auth, hd->route)
+                     : 1;
+    if (hd->pooled) {
+        apr_thread_mutex_lock(u->lock);
+        for (int i = u->nidle - 1; i >= 0; i--) {
+            if (memcmp(u->idle[i].route, hd->route, CS_SHA256_LEN) == 0) {
+                *hd = u->idle[i];
+                memmove(&u->idle[i], &u->idle[i + 1],
+                        (size_t)(u->nidle - i - 1) * sizeof(*u->idle));
+                u->nidle--;
+                break;
+            }
+        }
+        apr_thread_mutex_unlock(u->lock);
+    }
     if (hd->easy)
         return;
     hd->easy = curl_easy_init();
@@ -201,15 +231,26 @@ static void acquire(cs_upstream_t *u, cs_handle *hd)
 
 static void release(cs_upstream_t *u, cs_handle *hd)
 {
-    apr_thread_mutex_lock(u->lock);
-    if (u->nidle < CS_UPSTREAM_IDLE) {
+    cs_handle evicted = {0};
+
+    if (hd->pooled) {
+        apr_thread_mutex_lock(u->lock);
+        if (u->nidle == CS_UPSTREAM_IDLE) {
+            /* the least recently used goes: the one most likely of a route
+             * that no longer calls */
+            evicted = u->idle[0];
+            memmove(&u->idle[0], &u->idle[1],
+                    (size_t)(u->nidle - 1) * sizeof(*u->idle));
+            u->nidle--;
+        }
         u->idle[u->nidle++] = *hd;
         hd->easy = NULL;
+        hd->multi = NULL;
+        apr_thread_mutex_unlock(u->lock);
     }
-    apr_thread_mutex_unlock(u->lock);
-    /* more threads called at once than handles are kept: this one goes */
-    if (hd->easy)
-        handle_close(hd);
+    /* closed outside the lock: closing a TLS connection writes to it */
+    handle_close(&evicted);
+    handle_close(hd);
 }
 
 /* One transfer: curl_easy_perform, or with CS_OWN_MULTI the same in the
@@ -497,7 +538,7 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
     CURLcode rc;
 
     memset(resp, 0, sizeof(*resp));
-    acquire(u, &hd);
+    acquire(u, req, &hd);
     h = hd.easy;
     if (__atomic_load_n(&u->aborted, __ATOMIC_ACQUIRE)) {
         if (h)
@@ -550,7 +591,7 @@ void cs_upstream_fetch(cs_upstream_t *u, apr_pool_t *p,
      * nothing but another code path (and traces that print headers their
      * own way). See docs/operations.md. */
     curl_easy_setopt(h, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
-    if (req->proxy && strncasecmp(req->endpoint, "http://", 7) != 0) {
+    if (via_proxy(req)) {
         curl_easy_setopt(h, CURLOPT_PROXY, req->proxy);
         /* no_proxy from Apache's environment must not bypass it */
         curl_easy_setopt(h, CURLOPT_NOPROXY, "");

@@ -66,8 +66,9 @@ CustomLog "{cls.proxy_log}" "%u %>s %r"
                               'CardScanCAFile "%s/ca.pem"' % sd, "CardScanTimeout 3",
                               "CardScanCircuitBreaker 0",
                               "CardScanProxy %s file:%s" % (cls.proxy_url, cls.creds), ""])
-            cls.a = cls._start(Apache(start=False, body=body, global_conf=conf, loglevel="cardscan:trace4"),
-                               env=None)
+            # one child: back-to-back calls share its most recently used handle
+            cls.a = cls._start(Apache(start=False, body=body, global_conf=conf, loglevel="cardscan:trace4",
+                                      servers=1), env=None)
         except BaseException:
             cls.tearDownClass()
             raise
@@ -148,6 +149,24 @@ CustomLog "{cls.proxy_log}" "%u %>s %r"
                 self.assertEqual(self.mock.calls(), 0)
                 new = self.proxy_lines()[before:]
                 self.assertTrue(new and all(" 407 " in ln for ln in new), new)
+
+    def test_wrong_credentials_never_ride_a_tunnel_of_the_right_ones(self):
+        """The wrong-credentials vhost's call runs on the handle whose tunnel
+        the right credentials have just opened (one child, the most recently
+        used handle first). libcurl 7.61.1 matches a proxy connection by host
+        and port only and would reuse that tunnel: the module keeps each
+        handle to one proxy and credentials. (Named to run after
+        test_https_through_connect, which must open its own tunnel.)"""
+        st, _, body, _ = self.a.request("/https", user="a&user_id=b")
+        self.assertEqual(st, 200, body)
+        self.assertEqual(self.mock.calls(), 1)
+        before = len(self.proxy_lines())
+        st, _, body, doc = self.a.request("/https", user="\u00fc@h.example", port=self.p_wrong)
+        self.assertEqual(st, 502, body)
+        self.assertEqual(doc["error"], "upstream_error")
+        self.assertEqual(self.mock.calls(), 1)
+        new = self.proxy_lines()[before:]
+        self.assertTrue([ln for ln in new if " 407 " in ln], new)
 
     def test_credentials_in_the_proxy_url_refuse_to_start(self):
         for url in ("http://u:p@127.0.0.1:%d" % self.proxy.port, "http://u@127.0.0.1:%d" % self.proxy.port):
