@@ -169,12 +169,12 @@ const char *cs_rfc3339(apr_pool_t *p, apr_time_t t);
 void cs_cache_id(const cs_key_t *key, const char *endpoint, const char *user_id,
                  char *out);
 
-/* The SHA-256 of the strings a and b, each with its NUL (so that ("a", "bc")
- * and ("ab", "c") differ); NULL counts as "". 0 when OpenSSL failed (no
+/* The SHA-256 of the n strings, each with its NUL (so that ("a", "bc") and
+ * ("ab", "c") differ); NULL counts as "". 0 when OpenSSL failed (no
  * memory): out is then all zero and means nothing. */
 #define CS_SHA256_LEN 32
-int cs_sha256_pair(const char *a, const char *b,
-                   unsigned char out[CS_SHA256_LEN]);
+int cs_sha256_strings(const char *const *parts, int n,
+                      unsigned char out[CS_SHA256_LEN]);
 
 /* The socache id of a cache id: its 32 bytes. shmcb picks a sub-cache by
  * the first byte of an id, so hex (16 values) would use a fraction of it. */

@@ -48,15 +48,16 @@ static const EVP_CIPHER *aes_gcm(void)
     return alg_gcm;
 }
 
-int cs_sha256_pair(const char *a, const char *b,
-                   unsigned char out[CS_SHA256_LEN])
+int cs_sha256_strings(const char *const *parts, int n,
+                      unsigned char out[CS_SHA256_LEN])
 {
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-    const char *parts[2] = {a ? a : "", b ? b : ""};
     int ok = ctx && EVP_DigestInit_ex(ctx, sha256(), NULL);
 
-    for (int i = 0; ok && i < 2; i++)
-        ok = EVP_DigestUpdate(ctx, parts[i], strlen(parts[i]) + 1);
+    for (int i = 0; ok && i < n; i++) {
+        const char *s = parts[i] ? parts[i] : "";
+        ok = EVP_DigestUpdate(ctx, s, strlen(s) + 1);
+    }
     ok = ok && EVP_DigestFinal_ex(ctx, out, NULL);
     if (!ok)
         memset(out, 0, CS_SHA256_LEN);

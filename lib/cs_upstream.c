@@ -6,12 +6,13 @@
  * connection cache is not, since libcurl does not support sharing it across
  * concurrent threads.
  *
- * A handle serves one route only: the proxy and proxy credentials its
- * connections were opened with. libcurl 7.61.1 (RHEL 8) matches a proxy
+ * A handle serves one route only: the proxy, proxy credentials and CA file
+ * its connections were opened with. libcurl 7.61.1 (RHEL 8) matches a proxy
  * connection by the proxy's host and port alone, so a tunnel that one
  * virtual host's CardScanProxy credentials opened would carry another's
  * calls, whose own credentials the proxy refuses (test_proxy; 7.88.1 opens
- * a new tunnel there). */
+ * a new tunnel there). Before 7.78 it also compared CA file names without
+ * regard to case (CVE-2021-22924). */
 #include "cardscan.h"
 
 #include <apr_date.h>
@@ -60,7 +61,7 @@ struct cs_upstream {
 
 /* An easy handle, and with CS_OWN_MULTI the multi handle it runs in (NULL
  * otherwise): both keep live connections between requests, opened for its
- * route: cs_sha256_pair(proxy, proxy credentials), all zero for no proxy. */
+ * route (route_of). */
 typedef struct cs_handle {
     CURL *easy;
     CURLM *multi;
@@ -198,15 +199,24 @@ static int via_proxy(const cs_upstream_req_t *req)
     return req->proxy && strncasecmp(req->endpoint, "http://", 7) != 0;
 }
 
+/* What a connection is opened with beyond the endpoint's scheme, host and
+ * port, which libcurl itself matches: 0 when the digest failed. */
+static int route_of(const cs_upstream_req_t *req,
+                    unsigned char route[CS_SHA256_LEN])
+{
+    int proxied = via_proxy(req);
+    const char *parts[3] = {proxied ? req->proxy : NULL,
+                            proxied ? req->proxy_auth : NULL, req->ca_file};
+    return cs_sha256_strings(parts, 3, route);
+}
+
 /* The most recently used idle handle of req's route, or a new one;
  * hd->easy is NULL when none can be made. */
 static void acquire(cs_upstream_t *u, const cs_upstream_req_t *req,
                     cs_handle *hd)
 {
     memset(hd, 0, sizeof(*hd));
-    hd->pooled = via_proxy(req)
-                     ? cs_sha256_pair(req->proxy, req->proxy_auth, hd->route)
-                     : 1;
+    hd->pooled = route_of(req, hd->route);
     if (hd->pooled) {
         apr_thread_mutex_lock(u->lock);
         for (int i = u->nidle - 1; i >= 0; i--) {

@@ -68,7 +68,7 @@ END_TEST
 
 /* the upstream's handles are kept apart by this digest of the proxy and
  * its credentials */
-START_TEST(sha256_pair_keeps_its_parts_apart)
+START_TEST(sha256_strings_keep_their_parts_apart)
 {
     /* printf 'abc\0\0' | sha256sum: the parts with their NULs, nothing
      * else */
@@ -76,17 +76,24 @@ START_TEST(sha256_pair_keeps_its_parts_apart)
         0x06, 0x16, 0x29, 0x0e, 0x0a, 0x45, 0x00, 0x10, 0x15, 0xac, 0x04,
         0xf4, 0x97, 0x16, 0xfb, 0xec, 0x56, 0x4e, 0x5b, 0xd3, 0x30, 0x1a,
         0x9e, 0x88, 0x71, 0xc4, 0x22, 0xef, 0x5a, 0x69, 0x1f, 0xc1};
-    unsigned char a[CS_SHA256_LEN], b[CS_SHA256_LEN], c[CS_SHA256_LEN];
+    const char *abc_null[2] = {"abc", NULL}, *abc_empty[2] = {"abc", ""};
+    const char *pw1[3] = {"http://proxy:3128", "u:pw1", "/etc/ca.pem"};
+    const char *pw2[3] = {"http://proxy:3128", "u:pw2", "/etc/ca.pem"};
+    const char *moved[3] = {"http://proxy:3128u", ":pw1", "/etc/ca.pem"};
+    const char *upper[3] = {"http://proxy:3128", "u:pw1", "/etc/CA.pem"};
+    unsigned char a[CS_SHA256_LEN], b[CS_SHA256_LEN];
 
-    ck_assert_int_eq(cs_sha256_pair("abc", NULL, a), 1);
-    ck_assert_int_eq(cs_sha256_pair("abc", "", b), 1);
+    ck_assert_int_eq(cs_sha256_strings(abc_null, 2, a), 1);
+    ck_assert_int_eq(cs_sha256_strings(abc_empty, 2, b), 1);
     ck_assert_mem_eq(a, b, CS_SHA256_LEN);
     ck_assert_mem_eq(a, abc, CS_SHA256_LEN);
-    cs_sha256_pair("http://proxy:3128", "u:pw1", a);
-    cs_sha256_pair("http://proxy:3128", "u:pw2", b);
-    cs_sha256_pair("http://proxy:3128u", ":pw1", c);
+    cs_sha256_strings(pw1, 3, a);
+    cs_sha256_strings(pw2, 3, b);
     ck_assert_int_ne(memcmp(a, b, CS_SHA256_LEN), 0);
-    ck_assert_int_ne(memcmp(a, c, CS_SHA256_LEN), 0);
+    cs_sha256_strings(moved, 3, b);
+    ck_assert_int_ne(memcmp(a, b, CS_SHA256_LEN), 0);
+    cs_sha256_strings(upper, 3, b);
+    ck_assert_int_ne(memcmp(a, b, CS_SHA256_LEN), 0);
 }
 END_TEST
 
@@ -204,7 +211,7 @@ Suite *cache_suite(void)
     tcase_add_checked_fixture(tc, pool_setup, pool_teardown);
     tcase_add_test(tc, ids_separate_tenants_endpoints_users);
     tcase_add_test(tc, key_bytes_are_the_id_decoded);
-    tcase_add_test(tc, sha256_pair_keeps_its_parts_apart);
+    tcase_add_test(tc, sha256_strings_keep_their_parts_apart);
     tcase_add_test(tc, seal_open_round_trip);
     tcase_add_test(tc, tampered_or_foreign_entries_do_not_open);
     tcase_add_test(tc, seal_secret_override);
