@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import unittest
@@ -426,6 +427,29 @@ DocumentRoot "{self.dir}"
     def halt(self):
         """Stops apache2's processes, as stop() does, without its checks
         (for a test that reads apache2's console output first)."""
+        try:
+            self._halt()
+        finally:
+            self._stop_orphans()
+
+    def _stop_orphans(self):
+        """Processes of this server that outlived its parent are stopped by
+        their PIDs. (A prefork parent told to stop while it restarts may
+        exit without signalling the children it has just made.)"""
+        conf = ("-f\0%s" % self.conf).encode()
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or self.proc and int(name) == self.proc.pid:
+                continue
+            try:
+                with open("/proc/%s/cmdline" % name, "rb") as f:
+                    if conf not in f.read():
+                        continue
+                sys.stderr.write("apache2 process %s outlived its parent: killed\n" % name)
+                os.kill(int(name), signal.SIGKILL)
+            except OSError:
+                pass
+
+    def _halt(self):
         if self.running() and self.mpm in ("event", "worker"):
             # graceful-stop first, as apachectl graceful-stop does: the
             # threaded MPMs' ungraceful stop (SIGTERM) closes the workers'

@@ -604,10 +604,12 @@ class ProxyTests(PromiseCase):
         a = self.apache(body=vhost(port, "CardScanProxy none"), global_conf=apache_conf(
             endpoint=self.mock.https_url,
             extra='CardScanProxy %s\nCardScanCAFile "%s/ca.pem"\n' % (p.url, session_dir())))
+        # the virtual host first: a tunnel the main server had opened could
+        # carry its call unseen by the proxy
+        self.assert_token(a.request(user="bob", port=port), "bob")
+        self.assertEqual(len(p.seen), 0, "the virtual host with CardScanProxy none used the proxy")
         self.assert_token(a.request(user="alice"), "alice")
         self.assertEqual(len(p.seen), 1, "the main server did not use its proxy")
-        self.assert_token(a.request(user="bob", port=port), "bob")
-        self.assertEqual(len(p.seen), 1, "the virtual host with CardScanProxy none used the proxy")
         self.assertEqual(self.mock.calls(), 2)
 
 
